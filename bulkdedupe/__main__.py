@@ -1,0 +1,5 @@
+"""`python -m bulkdedupe`."""
+
+from .cli import main
+
+main()

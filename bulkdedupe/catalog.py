@@ -1,0 +1,195 @@
+"""What the catalog says about the target: the table, its key and primary key columns, the
+index a scan can walk, and whether this role and server may write. Read-only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from . import sql
+from .config import ConnectConfig, Name, OrderItem
+from .errors import PrivilegeError, ReadOnlyError, TargetError
+
+TEXT_TYPES = {"text", "varchar", "bpchar"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerInfo:
+    version_num: int
+    version: str
+    read_only: bool
+    in_recovery: bool
+    role: str
+    database: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """The resolved table and columns: names as stored in the catalog."""
+
+    oid: int
+    schema: str
+    table: str
+    key: str
+    key_attnum: int
+    key_type: str  # base type as the catalog names it: text, character varying, character
+    key_max_length: int | None  # declared n of varchar(n)/char(n)
+    key_is_char: bool  # char(n): trailing blanks are insignificant
+    key_collation: int
+    pk: str
+    pk_type: str
+    keep: tuple[OrderItem, ...]
+    estimated_rows: int
+    scan_index: str | None
+
+    @property
+    def qualified(self) -> str:
+        return sql.qualify(self.schema, self.table)
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def lock_prefix(self) -> str:
+        """Hashed with the value into the advisory lock key: `schema.table.column:`."""
+        return f"{self.schema}.{self.table}.{self.key}:"
+
+    def queries(self, state_schema: str) -> sql.TargetSql:
+        return sql.TargetSql(
+            table=self.qualified,
+            key=self.key,
+            pk=self.pk,
+            key_type=self.key_type,
+            pk_type=self.pk_type,
+            keep=self.keep,
+            state=sql.StateSql(state_schema),
+        )
+
+
+async def server_info(conn: asyncpg.Connection) -> ServerInfo:
+    row = await conn.fetchrow(sql.SERVER_INFO)
+    assert row is not None
+    return ServerInfo(
+        version_num=row["version_num"],
+        version=row["version"],
+        read_only=bool(
+            row["in_recovery"] or row["default_read_only"] or row["transaction_read_only"]
+        ),
+        in_recovery=row["in_recovery"],
+        role=row["role"],
+        database=row["database"],
+    )
+
+
+def _quoted_name(name: Name) -> str:
+    return sql.qualify(name.schema, name.name) if name.schema else sql.quote_ident(name.name)
+
+
+async def resolve(
+    conn: asyncpg.Connection, cfg: ConnectConfig, keep: tuple[OrderItem, ...] = ()
+) -> Target:
+    """Look the target up in the catalog and check it can be deduplicated."""
+    table_row = await conn.fetchrow(sql.RESOLVE_TABLE, _quoted_name(cfg.table))
+    if table_row is None:
+        raise TargetError(
+            f"table {cfg.table} does not exist (or is not on the search_path); "
+            "check --table, e.g. --table billing.payments"
+        )
+    if table_row["relkind"] not in ("r", "p"):
+        raise TargetError(f"{cfg.table} is not a table (relkind {table_row['relkind']!r})")
+    oid = table_row["oid"]
+    display = f"{table_row['nspname']}.{table_row['relname']}"
+    columns: dict[str, Any] = {r["attname"]: r for r in await conn.fetch(sql.TABLE_COLUMNS, oid)}
+
+    key = columns.get(cfg.key)
+    if key is None:
+        raise TargetError(f"column {cfg.key!r} does not exist in {display}; check --key")
+    if key["typname"] not in TEXT_TYPES:
+        raise TargetError(
+            f"column {display}.{cfg.key} is of type {key['full_type']}; bulkdedupe renames "
+            "text, varchar and char keys only"
+        )
+    if not key["deterministic"]:
+        raise TargetError(
+            f"column {display}.{cfg.key} uses a nondeterministic collation; "
+            "equality there is not byte equality, which bulkdedupe relies on"
+        )
+
+    if cfg.pk is None:
+        pk_cols = await conn.fetchval(sql.PRIMARY_KEY_COLUMNS, oid)
+        if not pk_cols:
+            raise TargetError(
+                f"{display} has no primary key; pass --pk COLUMN naming a unique, not-null column"
+            )
+        if len(pk_cols) != 1:
+            raise TargetError(
+                f"{display} has a composite primary key ({', '.join(pk_cols)}); pass --pk "
+                "COLUMN naming a single-column unique, not-null column"
+            )
+        pk_name = pk_cols[0]
+    else:
+        pk_name = cfg.pk
+        pk = columns.get(pk_name)
+        if pk is None:
+            raise TargetError(f"column {pk_name!r} does not exist in {display}; check --pk")
+        if not pk["attnotnull"] or not await conn.fetchval(
+            sql.UNIQUE_SINGLE_COLUMN_INDEX, oid, pk["attnum"]
+        ):
+            raise TargetError(
+                f"--pk {pk_name}: the column must be NOT NULL with a unique index of its own"
+            )
+    if pk_name == cfg.key:
+        raise TargetError("--pk and --key name the same column")
+    pk = columns[pk_name]
+
+    for item in keep:
+        if item.column not in columns:
+            raise TargetError(f"--keep: column {item.column!r} does not exist in {display}")
+
+    index_rows = await conn.fetch(sql.KEY_INDEXES, oid, key["attnum"], key["attcollation"])
+    max_length = key["atttypmod"] - 4 if key["typname"] != "text" and key["atttypmod"] > 4 else None
+    return Target(
+        oid=oid,
+        schema=table_row["nspname"],
+        table=table_row["relname"],
+        key=cfg.key,
+        key_attnum=key["attnum"],
+        key_type=key["base_type"],
+        key_max_length=max_length,
+        key_is_char=key["typname"] == "bpchar",
+        key_collation=key["attcollation"],
+        pk=pk_name,
+        pk_type=pk["base_type"],
+        keep=keep,
+        estimated_rows=max(int(table_row["reltuples"]), 0),
+        scan_index=index_rows[0]["index_name"] if index_rows else None,
+    )
+
+
+async def check_privileges(conn: asyncpg.Connection, target: Target, *, write: bool) -> None:
+    row = await conn.fetchrow(sql.PRIVILEGES, target.oid, target.key)
+    assert row is not None
+    if not row["can_select"]:
+        raise PrivilegeError(
+            f"role lacks SELECT on {target.display}; GRANT SELECT ON {target.qualified} TO <role>"
+        )
+    if write and not row["can_update_key"]:
+        raise PrivilegeError(
+            f"role lacks UPDATE on {target.display}.{target.key}; "
+            f"GRANT UPDATE ({sql.quote_ident(target.key)}) ON {target.qualified} TO <role>"
+        )
+
+
+def check_writable(info: ServerInfo) -> None:
+    if info.in_recovery:
+        raise ReadOnlyError(
+            "the server is a standby (in recovery); run --apply against the primary"
+        )
+    if info.read_only:
+        raise ReadOnlyError(
+            f"database {info.database!r} is read-only (default_transaction_read_only=on); "
+            "run --apply against a writable primary"
+        )

@@ -1,0 +1,248 @@
+"""Configuration: frozen, keyword-only dataclasses with their defaults, and the parsing of
+identifiers, orderings, templates and durations given on the command line."""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import UnsafeIdentifierError, UsageError
+
+DEFAULT_TABLE = "payments"
+DEFAULT_KEY = "transaction_id"
+DEFAULT_STATE_SCHEMA = "bulkdedupe"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_CONCURRENCY = 4
+DEFAULT_TEMPLATE = "{value}-{pk}"
+DEFAULT_LOCK_TIMEOUT = 2.0
+DEFAULT_STATEMENT_TIMEOUT = 30.0
+DEFAULT_SCAN_PAGE_SIZE = 20_000
+DEFAULT_SCANNERS = 2
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_TOP = 10
+APPLICATION_NAME = "bulkdedupe"
+
+_PLAIN_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+_MAX_IDENT_BYTES = 63
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """A schema-qualified relation name as stored in the catalog (already case-folded)."""
+
+    schema: str | None
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+def _parse_parts(text: str, what: str) -> list[str]:
+    """Split `text` into identifier parts, PostgreSQL style: unquoted parts fold to lower case,
+    double-quoted parts keep their case and may contain dots or doubled quotes."""
+    parts: list[str] = []
+    i = 0
+    n = len(text)
+    while True:
+        if i < n and text[i] == '"':
+            j = i + 1
+            buf: list[str] = []
+            while True:
+                if j >= n:
+                    raise UnsafeIdentifierError(f"{what} {text!r}: unterminated double quote")
+                if text[j] == '"':
+                    if j + 1 < n and text[j + 1] == '"':
+                        buf.append('"')
+                        j += 2
+                        continue
+                    break
+                buf.append(text[j])
+                j += 1
+            part = "".join(buf)
+            i = j + 1
+        else:
+            m = _PLAIN_IDENT.match(text, i)
+            if not m:
+                raise UnsafeIdentifierError(
+                    f"{what} {text!r} is not a plain identifier; use letters, digits and _ "
+                    'or double-quote it ("Mixed Case")'
+                )
+            part = m.group(0).lower()
+            i = m.end()
+        if not part or "\x00" in part or len(part.encode()) > _MAX_IDENT_BYTES:
+            raise UnsafeIdentifierError(f"{what} {text!r}: identifier is empty or too long")
+        parts.append(part)
+        if i == n:
+            return parts
+        if text[i] != ".":
+            raise UnsafeIdentifierError(
+                f"{what} {text!r} is not a plain identifier; use letters, digits and _ "
+                'or double-quote it ("Mixed Case")'
+            )
+        i += 1
+
+
+def parse_table(text: str) -> Name:
+    """`payments`, `billing.payments`, `"Billing"."Payments"` -> Name."""
+    parts = _parse_parts(text.strip(), "--table")
+    if len(parts) == 1:
+        return Name(None, parts[0])
+    if len(parts) == 2:
+        return Name(parts[0], parts[1])
+    raise UnsafeIdentifierError(f"--table {text!r}: expected TABLE or SCHEMA.TABLE")
+
+
+def parse_column(text: str, what: str) -> str:
+    parts = _parse_parts(text.strip(), what)
+    if len(parts) != 1:
+        raise UnsafeIdentifierError(f"{what} {text!r}: expected a single column name")
+    return parts[0]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderItem:
+    column: str
+    descending: bool = False
+
+
+def parse_keep(text: str) -> tuple[OrderItem, ...]:
+    """`"created_at, id"` or `"created_at desc, id"` -> order items (asc by default)."""
+    items: list[OrderItem] = []
+    for raw in text.split(","):
+        words = raw.strip()
+        if not words:
+            raise UsageError(f"--keep {text!r}: empty column in the list")
+        m = re.fullmatch(r"(.+?)(?:\s+(asc|desc))?", words, flags=re.IGNORECASE)
+        assert m is not None  # the pattern matches any non-empty string
+        column = parse_column(m.group(1), "--keep")
+        items.append(OrderItem(column, (m.group(2) or "asc").lower() == "desc"))
+    return tuple(items)
+
+
+def validate_template(template: str) -> str:
+    """The template must contain {pk} (so rows of one group get distinct values) and may
+    contain {value}; nothing else."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise UsageError(f"--template {template!r}: {exc}") from None
+    unknown = sorted({f for f in fields if f not in ("value", "pk")})
+    if unknown:
+        raise UsageError(
+            f"--template {template!r}: unknown field(s) {', '.join(unknown)}; "
+            "use {value} and {pk}"
+        )
+    if "pk" not in fields:
+        raise UsageError(f"--template {template!r} must contain {{pk}} so new values are unique")
+    return template
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|min|m|h)?\s*", re.IGNORECASE)
+_UNIT = {None: 1.0, "ms": 0.001, "s": 1.0, "sec": 1.0, "min": 60.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """`500ms`, `2s`, `1.5`, `1min` -> seconds (> 0)."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise UsageError(f"{what} {text!r}: expected a duration such as 500ms, 2s or 1min")
+    seconds = float(m.group(1)) * _UNIT[m.group(2).lower() if m.group(2) else None]
+    if seconds <= 0:
+        raise UsageError(f"{what} {text!r}: must be greater than zero")
+    return seconds
+
+
+def redact_dsn(dsn: str) -> str:
+    """The URL with its password replaced, safe to print and store."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparseable database url>"
+    if parts.password is None:
+        return dsn
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{parts.username or ''}:***@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConnectConfig:
+    """How to reach the database and which table/key to work on."""
+
+    database_url: str
+    table: Name = field(default_factory=lambda: Name(None, DEFAULT_TABLE))
+    key: str = DEFAULT_KEY
+    pk: str | None = None
+    state_schema: str = DEFAULT_STATE_SCHEMA
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.connect_timeout <= 0:
+            raise UsageError("--connect-timeout must be greater than zero")
+
+    def __repr__(self) -> str:  # never show the password, not even in a debug log
+        return (
+            f"ConnectConfig(database_url={redact_dsn(self.database_url)!r}, table={self.table}, "
+            f"key={self.key!r}, pk={self.pk!r}, state_schema={self.state_schema!r})"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScanConfig:
+    """Read-only scan/verify options."""
+
+    top: int = DEFAULT_TOP
+    page_size: int = DEFAULT_SCAN_PAGE_SIZE
+    scanners: int = DEFAULT_SCANNERS
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if self.top < 0:
+            raise UsageError("--top must be 0 or more")
+        if self.page_size < 1:
+            raise UsageError("--scan-page-size must be at least 1")
+        if self.scanners < 1:
+            raise UsageError("--scanners must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Options of `bulkdedupe run`."""
+
+    apply: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
+    concurrency: int = DEFAULT_CONCURRENCY
+    keep: tuple[OrderItem, ...] = ()
+    template: str = DEFAULT_TEMPLATE
+    run_id: str | None = None
+    output: Path | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    create_scan_index: bool = False
+    keep_scan_index: bool = False
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    progress_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.concurrency < 1:
+            raise UsageError(f"--concurrency {self.concurrency}: must be at least 1")
+        if self.concurrency > 64:
+            raise UsageError(f"--concurrency {self.concurrency}: at most 64 worker connections")
+        if self.max_retries < 0:
+            raise UsageError("--max-retries must be 0 or more")
+        if self.lock_timeout <= 0 or self.statement_timeout <= 0:
+            raise UsageError("--lock-timeout and --statement-timeout must be greater than zero")
+        if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.run_id):
+            raise UsageError(
+                f"--run-id {self.run_id!r}: use 1-64 letters, digits, '_', '-', '.', ':'"
+            )
+        validate_template(self.template)

@@ -1,0 +1,485 @@
+"""The composition root: opens the pool, resolves the target, runs scanners and workers joined
+by a bounded stream inside one task group, handles signals, and returns the summary."""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+import asyncpg
+import structlog
+from anyio.abc import ObjectReceiveStream, ObjectSendStream
+
+from . import catalog, db, sql, state
+from .catalog import Target
+from .config import ConnectConfig, RunConfig, ScanConfig, redact_dsn
+from .errors import BulkDedupeError, TargetError, UsageError, from_driver
+from .progress import Reporter, Stats, percentile
+from .results import RunSummary, ScanReport, VerifyResult
+from .scanner import Group, KeyRange, plan_ranges, scan_range
+from .worker import PlanWriter, Rename, Worker, WorkItem
+
+log = structlog.get_logger(__name__)
+
+CHECKPOINT_INTERVAL = 2.0
+FLUSH_AFTER = 0.5  # seconds a partly filled batch may wait for more groups
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The first operator-facing error inside (nested) exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        inner = [e for e in exc.exceptions if isinstance(e, BulkDedupeError)]
+        exc = inner[0] if inner else exc.exceptions[0]
+    return exc
+
+
+@asynccontextmanager
+async def _errors(what: str) -> AsyncIterator[None]:
+    try:
+        yield
+    except BaseExceptionGroup as eg:
+        inner = _unwrap(eg)
+        if isinstance(inner, Exception):
+            raise from_driver(inner, what=what) from inner
+        raise
+    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        raise from_driver(exc, what=what) from exc
+
+
+def _no_index_error(target: Target) -> TargetError:
+    return TargetError(
+        f"{target.display}.{target.key} has no usable btree index to scan; create one with "
+        f"CREATE INDEX CONCURRENTLY ON {target.qualified} ({sql.quote_ident(target.key)}), "
+        "or pass --create-scan-index to `run`"
+    )
+
+
+async def _resolve(
+    conn: asyncpg.Connection, cfg: ConnectConfig, keep: tuple[Any, ...] = (), *, write: bool
+) -> Target:
+    info = await catalog.server_info(conn)
+    target = await catalog.resolve(conn, cfg, keep)
+    await catalog.check_privileges(conn, target, write=write)
+    if write:
+        catalog.check_writable(info)
+    log.debug(
+        "target",
+        table=target.display,
+        key=target.key,
+        pk=target.pk,
+        index=target.scan_index,
+        server=info.version,
+    )
+    return target
+
+
+# --- scan and verify -----------------------------------------------------------------------
+
+
+async def _scan_groups(
+    pool: asyncpg.Pool,
+    target: Target,
+    ranges: list[KeyRange],
+    page_size: int,
+    stats: Stats,
+    on_page: Callable[[int, list[Group], str | None], Awaitable[None]],
+    on_range_done: Callable[[int, str | None], Awaitable[None]] | None = None,
+    stop: anyio.Event | None = None,
+) -> None:
+    """Run one scanner per key range concurrently; call on_page for each page and
+    on_range_done (with the range's last key) when a range has been read to its end."""
+    q = target.queries("unused")  # scan queries never touch the state schema
+
+    async def one(rng: KeyRange) -> None:
+        last = rng.cursor
+        async for page in scan_range(pool, q, rng, page_size=page_size):
+            stats.scanned_rows += page.rows_read
+            stats.groups_found += len(page.groups)
+            stats.longest_page_seconds = max(stats.longest_page_seconds, page.seconds)
+            if stop is not None and stop.is_set():
+                return
+            await on_page(rng.index, page.groups, page.last_key)
+            last = page.last_key or last
+        if on_range_done is not None:
+            await on_range_done(rng.index, last)
+
+    async with anyio.create_task_group() as tg:
+        for rng in ranges:
+            tg.start_soon(one, rng)
+
+
+async def scan(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> ScanReport:
+    """Read-only: count duplicate groups and rows to rename. Never writes anything."""
+    stats = Stats()
+    top: list[tuple[int, str]] = []
+    rows_to_rename = 0
+
+    async def on_page(_: int, groups: list[Group], __: str | None) -> None:
+        nonlocal rows_to_rename
+        for g in groups:
+            rows_to_rename += g.count - 1
+            if scan_cfg.top:
+                item = (g.count, g.key)
+                if len(top) < scan_cfg.top:
+                    heapq.heappush(top, item)
+                elif item > top[0]:
+                    heapq.heapreplace(top, item)
+
+    async with (
+        _errors("scan"),
+        db.pool(
+            cfg, size=scan_cfg.scanners + 1, statement_timeout=scan_cfg.statement_timeout
+        ) as pool,
+    ):
+        async with pool.acquire() as conn:
+            target = await _resolve(conn, cfg, write=False)
+            if target.scan_index is None:
+                raise _no_index_error(target)
+            ranges = await plan_ranges(conn, target, scan_cfg.scanners)
+        stats.estimated_rows = target.estimated_rows
+        reporter = Reporter(stats, verb="to rename")
+        async with anyio.create_task_group() as tg:
+            if reporter.tty:
+                tg.start_soon(reporter.run)
+            await _scan_groups(pool, target, ranges, scan_cfg.page_size, stats, on_page)
+            tg.cancel_scope.cancel()
+        if reporter.tty:
+            reporter.close()
+    largest = tuple((k, n) for n, k in sorted(top, key=lambda t: (-t[0], t[1])))
+    return ScanReport(
+        table=target.display,
+        key=target.key,
+        index=target.scan_index,
+        estimated_rows=target.estimated_rows,
+        scanned_rows=stats.scanned_rows,
+        groups=stats.groups_found,
+        rows_to_rename=rows_to_rename,
+        largest_groups=largest,
+        duration_s=stats.elapsed(),
+    )
+
+
+async def verify(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> VerifyResult:
+    """Read-only: are any duplicate groups left?"""
+    r = await scan(
+        cfg,
+        ScanConfig(
+            top=0,
+            page_size=scan_cfg.page_size,
+            scanners=scan_cfg.scanners,
+            statement_timeout=scan_cfg.statement_timeout,
+        ),
+    )
+    return VerifyResult(
+        table=r.table,
+        key=r.key,
+        groups=r.groups,
+        rows_to_rename=r.rows_to_rename,
+        scanned_rows=r.scanned_rows,
+        duration_s=r.duration_s,
+    )
+
+
+# --- run -----------------------------------------------------------------------------------
+
+
+class _Producer:
+    """Packs the groups of each key range into work items of about `batch_size` renames."""
+
+    def __init__(
+        self, send: ObjectSendStream[WorkItem], checkpoints: state.Checkpoints, batch_size: int
+    ) -> None:
+        self.send = send
+        self.cp = checkpoints
+        self.batch_size = batch_size
+        self.pending: dict[int, list[Group]] = {}
+        self.since: dict[int, float] = {}
+
+    async def _emit(self, rng: int, last_key: str | None) -> None:
+        groups = self.pending.pop(rng, [])
+        self.since.pop(rng, None)
+        seq = self.cp.issue(rng)
+        if not groups:
+            self.cp.complete(rng, seq, last_key)  # nothing to do up to here
+            return
+        await self.send.send(WorkItem(rng, seq, tuple(groups), last_key))
+
+    async def on_page(self, rng: int, groups: list[Group], last_key: str | None) -> None:
+        pending = self.pending.setdefault(rng, [])
+        self.since.setdefault(rng, anyio.current_time())
+        renames = sum(g.count - 1 for g in pending)
+        for g in groups:
+            pending.append(g)
+            renames += g.count - 1
+            if renames >= self.batch_size:
+                await self._emit(rng, g.key)
+                pending = self.pending.setdefault(rng, [])
+                self.since[rng] = anyio.current_time()
+                renames = 0
+        if not pending or anyio.current_time() - self.since[rng] >= FLUSH_AFTER:
+            await self._emit(rng, last_key)
+
+    async def finish_range(self, rng: int, last_key: str | None) -> None:
+        await self._emit(rng, last_key)
+        self.cp.range_finished(rng)
+
+
+async def _create_scan_index(conn: asyncpg.Connection, target: Target) -> str:
+    name = f"bulkdedupe_scan_{target.table}_{target.key}"[:63]
+    log.info("creating scan index concurrently", index=name, table=target.display)
+    await conn.execute("SET statement_timeout = 0")
+    await conn.execute(sql.drop_index_concurrently(target.schema, name))
+    await conn.execute(sql.create_index_concurrently(name, target.qualified, target.key))
+    return name
+
+
+async def run(
+    cfg: ConnectConfig,
+    run_cfg: RunConfig = RunConfig(),
+    *,
+    handle_signals: bool = False,
+    stop: anyio.Event | None = None,
+) -> RunSummary:
+    """Deduplicate the key column: a dry run (default; writes nothing anywhere) or --apply.
+
+    Set `stop` (or send SIGINT/SIGTERM with `handle_signals`) to stop taking work: in-flight
+    batches finish, the run is marked interrupted with its checkpoint and can be resumed.
+    """
+    stop = stop or anyio.Event()
+    stats = Stats()
+    apply = run_cfg.apply
+    scan_cfg = run_cfg.scan
+    plan_fh: IO[str] | None = None
+    sample: list[Rename] = []
+    size = run_cfg.concurrency + scan_cfg.scanners + 1
+    created_index: str | None = None
+    status = "failed"
+    run_id = run_cfg.run_id or state.new_run_id()
+    st = sql.StateSql(cfg.state_schema)
+
+    async with (
+        _errors("run"),
+        db.connect(cfg) as control,
+        db.pool(cfg, size=size, statement_timeout=scan_cfg.statement_timeout) as pool,
+    ):
+        target = await _resolve(control, cfg, run_cfg.keep, write=apply)
+        if target.scan_index is None:
+            if not run_cfg.create_scan_index:
+                raise _no_index_error(target)
+            if not apply:
+                raise UsageError(
+                    "--create-scan-index writes (it builds an index): use it with --apply"
+                )
+            created_index = await _create_scan_index(control, target)
+        run_lock: state.RunLock | None = None
+        resumed: state.RunRecord | None = None
+        if apply:
+            await state.ensure_schema(control, st)
+            run_lock = state.RunLock(control, run_id)
+            await run_lock.acquire()
+            options = {
+                "batch_size": run_cfg.batch_size,
+                "concurrency": run_cfg.concurrency,
+                "keep": [asdict(k) for k in run_cfg.keep],
+                "template": run_cfg.template,
+                "lock_timeout": run_cfg.lock_timeout,
+                "statement_timeout": run_cfg.statement_timeout,
+            }
+            run_id, resumed = await state.start_run(
+                control,
+                st,
+                target,
+                run_id=run_id,
+                command="run",
+                options=options,
+                database_url=redact_dsn(cfg.database_url),
+            )
+        ranges = resumed.remaining_ranges() if resumed else None
+        if ranges is None:
+            ranges = await plan_ranges(control, target, scan_cfg.scanners)
+        checkpoints = state.Checkpoints(ranges)
+        stats.estimated_rows = target.estimated_rows
+        structlog.contextvars.bind_contextvars(run_id=run_id, table=target.display)
+        log.info(
+            "run started",
+            mode="apply" if apply else "dry-run",
+            resumed=resumed is not None,
+            ranges=len(ranges),
+            batch_size=run_cfg.batch_size,
+            concurrency=run_cfg.concurrency,
+        )
+
+        if run_cfg.output is not None:
+            try:
+                # a plan line is small and written whole; a thread per write would cost more
+                plan_fh = Path(run_cfg.output).open("w", encoding="utf-8")  # noqa: SIM115, ASYNC230
+            except OSError as exc:
+                raise UsageError(f"--output {run_cfg.output}: {exc.strerror}") from None
+        worker_kw: dict[str, Any] = {
+            "pool": pool,
+            "target": target,
+            "queries": target.queries(cfg.state_schema),
+            "run_id": run_id,
+            "apply": apply,
+            "batch_size": run_cfg.batch_size,
+            "template": run_cfg.template,
+            "lock_timeout": run_cfg.lock_timeout,
+            "statement_timeout": run_cfg.statement_timeout,
+            "max_retries": run_cfg.max_retries,
+            "stats": stats,
+            "plan": PlanWriter(plan_fh) if plan_fh else None,
+            "sample": sample,
+        }
+        send, recv = anyio.create_memory_object_stream[WorkItem](max(2, run_cfg.concurrency * 2))
+        producer = _Producer(send, checkpoints, run_cfg.batch_size)
+        reporter = Reporter(
+            stats, verb="renamed" if apply else "would rename", interval=run_cfg.progress_interval
+        )
+
+        async def produce() -> None:
+            async with send:
+                await _scan_groups(
+                    pool,
+                    target,
+                    ranges,
+                    scan_cfg.page_size,
+                    stats,
+                    producer.on_page,
+                    producer.finish_range,
+                    stop,
+                )
+
+        async def consume(items: ObjectReceiveStream[WorkItem]) -> None:
+            worker = Worker(**worker_kw)
+            async with items:
+                async for item in items:
+                    if stop.is_set():
+                        return
+                    await worker.handle(item)
+                    checkpoints.complete(item.range_index, item.seq, item.last_key)
+
+        async def save_checkpoints() -> None:
+            while True:
+                await anyio.sleep(CHECKPOINT_INTERVAL)
+                # shielded: a cancel mid-query would leave the control connection unusable
+                with (
+                    anyio.CancelScope(shield=True),
+                    contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError),
+                ):
+                    await state.save_progress(
+                        control,
+                        st,
+                        run_id,
+                        groups=stats.groups_done,
+                        renamed=stats.renamed,
+                        skipped=stats.skipped_rows,
+                        checkpoint=checkpoints.to_json(),
+                    )
+
+        async def watch_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.warning(
+                        "signal received: finishing in-flight batches, then stopping",
+                        signal=signal.Signals(signum).name,
+                    )
+                    stop.set()
+                    return
+
+        async def stop_when_asked(scope: anyio.CancelScope) -> None:
+            await stop.wait()
+            # Stop taking work: close the stream for the producer; workers drain in-flight work.
+            scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(reporter.run)
+                if apply:
+                    outer.start_soon(save_checkpoints)
+                if handle_signals:
+                    outer.start_soon(watch_signals)
+                async with anyio.create_task_group() as work:
+                    producer_scope = anyio.CancelScope()
+
+                    async def guarded_produce() -> None:
+                        with producer_scope:
+                            await produce()
+
+                    work.start_soon(guarded_produce)
+                    outer.start_soon(stop_when_asked, producer_scope)
+                    async with recv:
+                        for _ in range(run_cfg.concurrency):
+                            work.start_soon(consume, recv.clone())
+                status = "interrupted" if stop.is_set() else "completed"
+                outer.cancel_scope.cancel()
+        finally:
+            if plan_fh is not None:
+                plan_fh.close()
+            reporter.close()
+            summary = _summary(run_id, apply, status, target, stats, run_cfg, sample)
+            if apply:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    renamed_total = await control.fetchval(st.count_changes, run_id)
+                    await state.finish_run(
+                        control,
+                        st,
+                        run_id,
+                        status=status,
+                        groups=stats.groups_done,
+                        renamed=renamed_total,
+                        skipped=stats.skipped_rows,
+                        checkpoint=checkpoints.to_json(),
+                        summary=summary.to_json(),
+                    )
+                    if run_lock is not None:
+                        await run_lock.release()
+            if created_index and (status == "completed") and not run_cfg.keep_scan_index:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+                    await control.execute(sql.drop_index_concurrently(target.schema, created_index))
+        structlog.contextvars.unbind_contextvars("run_id", "table")
+    return summary
+
+
+def _summary(
+    run_id: str,
+    apply: bool,
+    status: str,
+    target: Target,
+    stats: Stats,
+    run_cfg: RunConfig,
+    sample: list[Rename],
+) -> RunSummary:
+    ms = [s * 1000 for s in stats.batch_seconds]
+    elapsed = stats.elapsed()
+    return RunSummary(
+        run_id=run_id,
+        mode="apply" if apply else "dry-run",
+        status=status,
+        table=target.display,
+        key=target.key,
+        groups=stats.groups_found,
+        rows_renamed=stats.renamed,
+        rows_skipped=stats.skipped_rows,
+        skipped=dict(stats.skipped),
+        batches=stats.batches,
+        retries=stats.retries,
+        scanned_rows=stats.scanned_rows,
+        duration_s=round(elapsed, 3),
+        rows_per_s=round(stats.renamed / elapsed, 1) if elapsed > 0 else 0.0,
+        batch_ms_p50=round(percentile(ms, 50), 2),
+        batch_ms_p99=round(percentile(ms, 99), 2),
+        batch_ms_max=round(max(ms, default=0.0), 2),
+        longest_scan_page_ms=round(stats.longest_page_seconds * 1000, 2),
+        output=str(run_cfg.output) if run_cfg.output else None,
+        sample=tuple(
+            {"pk": r.pk, "old_value": r.old, "new_value": r.new, "survivor_pk": r.survivor_pk}
+            for r in sample
+        ),
+    )

@@ -1,0 +1,131 @@
+"""The producer: keyset pages over the key's btree index, in one or more key ranges at once,
+turned into duplicate groups. Each page is one short autocommit query; memory is bounded by the
+page size, never by the table."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import asyncpg
+import structlog
+
+from . import sql
+from .catalog import Target
+
+log = structlog.get_logger(__name__)
+
+MIN_PAGE_SIZE = 100
+PAGE_RETRIES = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A key held by more than one row when the scan saw it (the count may be stale)."""
+
+    key: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """Keys `lo <= k < hi` (None: unbounded), scanned from after `cursor` when resuming."""
+
+    index: int
+    lo: str | None
+    hi: str | None
+    cursor: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "lo": self.lo, "hi": self.hi, "cursor": self.cursor}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KeyRange:
+        return cls(index=d["index"], lo=d["lo"], hi=d["hi"], cursor=d.get("cursor"))
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    range_index: int
+    groups: list[Group]
+    last_key: str | None
+    rows_read: int
+    seconds: float
+
+
+async def plan_ranges(conn: asyncpg.Connection, target: Target, scanners: int) -> list[KeyRange]:
+    """Split the key space into `scanners` ranges of about equal size, from the planner's
+    histogram (no table read). Without statistics, one range."""
+    if scanners <= 1:
+        return [KeyRange(0, None, None)]
+    bounds = await conn.fetchval(sql.HISTOGRAM_BOUNDS, target.schema, target.table, target.key)
+    if not bounds or len(bounds) < scanners + 1:
+        return [KeyRange(0, None, None)]
+    step = (len(bounds) - 1) / scanners
+    # The bounds come sorted by the column's own collation (ANALYZE sorts them so): keep
+    # their order, never re-sort them in Python.
+    cuts: list[str] = []
+    for i in range(1, scanners):
+        b = bounds[round(step * i)]
+        if not cuts or cuts[-1] != b:
+            cuts.append(b)
+    edges: list[str | None] = [None, *cuts, None]
+    return [KeyRange(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
+
+
+async def scan_range(
+    pool: asyncpg.Pool,
+    q: sql.TargetSql,
+    rng: KeyRange,
+    *,
+    page_size: int,
+) -> AsyncIterator[Page]:
+    """Yield the pages of one key range in key order. A page that hits statement_timeout is
+    split (half the size) and retried; connection errors are retried a few times."""
+    cursor = rng.cursor
+    size = page_size
+    failures = 0
+    while True:
+        if cursor is not None:
+            lower: sql.LowerBound = "exclusive"
+            bound: str | None = cursor
+        elif rng.lo is not None:
+            lower, bound = "inclusive", rng.lo
+        else:
+            lower, bound = "none", None
+        query = q.scan_page(lower, rng.hi is not None)
+        started = anyio.current_time()
+        try:
+            rows = await pool.fetch(query, bound, rng.hi, size)
+        except asyncpg.QueryCanceledError:
+            if size <= MIN_PAGE_SIZE:
+                raise
+            size = max(MIN_PAGE_SIZE, size // 2)
+            log.warning("scan page timed out; splitting", range=rng.index, page_size=size)
+            continue
+        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+            failures += 1
+            if failures > PAGE_RETRIES:
+                raise
+            await anyio.sleep(min(0.2 * 2**failures, 5.0))
+            continue
+        failures = 0
+        seconds = anyio.current_time() - started
+        groups: list[Group] = []
+        last: str | None = None
+        read = 0
+        for r in rows:
+            if r["k"] is None:
+                read = r["n"]
+            elif r["is_last"]:
+                last = r["k"]
+                if r["n"] > 1:
+                    groups.append(Group(r["k"], r["n"]))
+            else:
+                groups.append(Group(r["k"], r["n"]))
+        yield Page(rng.index, groups, last, read, seconds)
+        if read < size or last is None:
+            return
+        cursor = last

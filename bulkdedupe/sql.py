@@ -1,0 +1,333 @@
+"""Every query bulkdedupe sends, named, in one place.
+
+Identifiers are quoted by :func:`quote_ident` and nothing else; values are always `$n`
+parameters. Type names come from the catalog's ``format_type()``, which quotes them itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+from .config import OrderItem
+
+
+def quote_ident(name: str) -> str:
+    """Quote one identifier, always (so reserved words and mixed case are safe)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualify(schema: str, name: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+# --- connection and catalog ----------------------------------------------------------------
+
+SERVER_INFO = """
+SELECT current_setting('server_version_num')::int AS version_num,
+       current_setting('server_version') AS version,
+       pg_is_in_recovery() AS in_recovery,
+       current_setting('default_transaction_read_only') = 'on' AS default_read_only,
+       current_setting('transaction_read_only') = 'on' AS transaction_read_only,
+       current_user AS role,
+       current_database() AS database
+"""
+
+# to_regclass parses the quoted name itself: no SQL is ever executed from user input.
+RESOLVE_TABLE = """
+SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind, c.reltuples::bigint AS reltuples,
+       c.relpages::bigint AS relpages
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass($1)
+"""
+
+TABLE_COLUMNS = """
+SELECT a.attname, a.attnum, t.typname, a.atttypmod, a.attnotnull,
+       format_type(a.atttypid, NULL) AS base_type,
+       format_type(a.atttypid, a.atttypmod) AS full_type,
+       a.attcollation,
+       coalesce(coll.collisdeterministic, true) AS deterministic
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_collation coll ON coll.oid = a.attcollation
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+PRIMARY_KEY_COLUMNS = """
+SELECT array_agg(a.attname ORDER BY k.ord) AS columns
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = $1 AND i.indisprimary
+GROUP BY i.indexrelid
+"""
+
+# A unique, valid, non-partial single-column index on the column (for a user-given --pk).
+UNIQUE_SINGLE_COLUMN_INDEX = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_index i
+    WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
+      AND i.indnkeyatts = 1 AND i.indkey[0] = $2
+)
+"""
+
+# btree indexes whose leading column is the key, usable for ORDER BY key (valid, not partial,
+# default operator class, same collation as the column).
+KEY_INDEXES = """
+SELECT ic.relname AS index_name, i.indisunique, i.indisvalid
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_am am ON am.oid = ic.relam
+JOIN pg_opclass opc ON opc.oid = i.indclass[0]
+WHERE i.indrelid = $1 AND i.indkey[0] = $2 AND am.amname = 'btree'
+  AND i.indisvalid AND i.indisready AND i.indpred IS NULL
+  AND opc.opcdefault AND i.indcollation[0] = $3
+ORDER BY i.indnatts, ic.relname
+"""
+
+PRIVILEGES = """
+SELECT has_table_privilege($1::oid, 'SELECT') AS can_select,
+       has_column_privilege($1::oid, $2::name, 'UPDATE') AS can_update_key
+"""
+
+HISTOGRAM_BOUNDS = """
+SELECT histogram_bounds::text::text[] AS bounds
+FROM pg_stats
+WHERE schemaname = $1 AND tablename = $2 AND attname = $3
+"""
+
+
+def create_index_concurrently(index: str, table: str, key: str) -> str:
+    return f"CREATE INDEX CONCURRENTLY {quote_ident(index)} ON {table} ({quote_ident(key)})"
+
+
+def drop_index_concurrently(schema: str, index: str) -> str:
+    return f"DROP INDEX CONCURRENTLY IF EXISTS {qualify(schema, index)}"
+
+
+# --- state schema --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateSql:
+    """Queries on `<state-schema>.runs` and `<state-schema>.changes`."""
+
+    schema: str
+
+    @cached_property
+    def runs(self) -> str:
+        return qualify(self.schema, "runs")
+
+    @cached_property
+    def changes(self) -> str:
+        return qualify(self.schema, "changes")
+
+    @cached_property
+    def create(self) -> list[str]:
+        s = quote_ident(self.schema)
+        return [
+            f"CREATE SCHEMA IF NOT EXISTS {s}",
+            f"""CREATE TABLE IF NOT EXISTS {self.runs} (
+                run_id       text PRIMARY KEY,
+                command      text NOT NULL,
+                table_name   text NOT NULL,
+                key_column   text NOT NULL,
+                pk_column    text NOT NULL,
+                status       text NOT NULL,
+                options      jsonb NOT NULL DEFAULT '{{}}',
+                database_url text,
+                started_at   timestamptz NOT NULL DEFAULT now(),
+                finished_at  timestamptz,
+                updated_at   timestamptz NOT NULL DEFAULT now(),
+                groups       bigint NOT NULL DEFAULT 0,
+                renamed      bigint NOT NULL DEFAULT 0,
+                skipped      bigint NOT NULL DEFAULT 0,
+                checkpoint   jsonb,
+                summary      jsonb
+            )""",
+            f"""CREATE TABLE IF NOT EXISTS {self.changes} (
+                id          bigserial PRIMARY KEY,
+                run_id      text NOT NULL,
+                pk          text NOT NULL,
+                old_value   text NOT NULL,
+                new_value   text NOT NULL,
+                changed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+            )""",
+            f"CREATE INDEX IF NOT EXISTS changes_run_id_idx ON {self.changes} (run_id, id)",
+        ]
+
+    @cached_property
+    def exists(self) -> str:
+        return "SELECT to_regclass($1) IS NOT NULL AND to_regclass($2) IS NOT NULL"
+
+    @cached_property
+    def insert_run(self) -> str:
+        return f"""INSERT INTO {self.runs}
+            (run_id, command, table_name, key_column, pk_column, status, options, database_url)
+            VALUES ($1, $2, $3, $4, $5, 'running', $6::jsonb, $7)"""
+
+    @cached_property
+    def get_run(self) -> str:
+        return f"SELECT * FROM {self.runs} WHERE run_id = $1"
+
+    @cached_property
+    def list_runs(self) -> str:
+        return f"SELECT * FROM {self.runs} ORDER BY started_at DESC, run_id LIMIT $1"
+
+    @cached_property
+    def resume_run(self) -> str:
+        return f"""UPDATE {self.runs} SET status = 'running', finished_at = NULL,
+            updated_at = now() WHERE run_id = $1"""
+
+    @cached_property
+    def save_progress(self) -> str:
+        return f"""UPDATE {self.runs} SET groups = $2, renamed = $3, skipped = $4,
+            checkpoint = $5::jsonb, updated_at = now() WHERE run_id = $1"""
+
+    @cached_property
+    def finish_run(self) -> str:
+        return f"""UPDATE {self.runs} SET status = $2, groups = $3, renamed = $4, skipped = $5,
+            checkpoint = $6::jsonb, summary = $7::jsonb, finished_at = now(), updated_at = now()
+            WHERE run_id = $1"""
+
+    @cached_property
+    def count_changes(self) -> str:
+        return f"SELECT count(*) FROM {self.changes} WHERE run_id = $1"
+
+    @cached_property
+    def changes_page(self) -> str:
+        return f"""SELECT id, pk, old_value, new_value, changed_at FROM {self.changes}
+            WHERE run_id = $1 AND id > $2 ORDER BY id LIMIT $3"""
+
+
+# A session-level lock held by the process executing a run, so a second process refuses
+# to execute the same run and a crashed run (lock released with its connection) can resume.
+RUN_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('bulkdedupe.run:' || $1, 0))"
+RUN_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('bulkdedupe.run:' || $1, 0))"
+
+
+# --- the target table ----------------------------------------------------------------------
+
+LowerBound = Literal["none", "inclusive", "exclusive"]
+
+
+@dataclass(frozen=True)
+class TargetSql:
+    """Queries on the table being deduplicated.
+
+    `table` is the quoted qualified name; `key`, `pk` the bare column names; `key_type` and
+    `pk_type` the catalog's type names without modifiers; `lock_prefix` the text that, with the
+    value appended, is hashed into the advisory lock key (see README, "The advisory lock").
+    """
+
+    table: str
+    key: str
+    pk: str
+    key_type: str
+    pk_type: str
+    keep: tuple[OrderItem, ...]
+    state: StateSql
+
+    @cached_property
+    def k(self) -> str:
+        return quote_ident(self.key)
+
+    @cached_property
+    def p(self) -> str:
+        return quote_ident(self.pk)
+
+    def scan_page(self, lower: LowerBound, upper: bool) -> str:
+        """One keyset page over the key index: at most $3 index entries after the cursor,
+        the duplicate groups among them, and the complete count of the last key in the page
+        (its group may continue past the page). The row with a NULL key carries the number of
+        entries read. $1 = lower bound / cursor, $2 = upper bound (exclusive)."""
+        conds = [f"{self.k} IS NOT NULL"]
+        if lower == "inclusive":
+            conds.append(f"{self.k} >= $1")
+        elif lower == "exclusive":
+            conds.append(f"{self.k} > $1")
+        else:
+            conds.append("$1::text IS NULL")
+        conds.append(f"{self.k} < $2" if upper else "$2::text IS NULL")
+        where = " AND ".join(conds)
+        return f"""
+WITH page AS MATERIALIZED (
+    SELECT {self.k} AS k FROM {self.table} WHERE {where} ORDER BY {self.k} LIMIT $3
+), stats AS (
+    SELECT count(*) AS n, max(k) AS last FROM page
+)
+SELECT g.k, g.n, false AS is_last FROM (
+    SELECT p.k, count(*) AS n FROM page p, stats s WHERE p.k < s.last
+    GROUP BY p.k HAVING count(*) > 1
+) g
+UNION ALL
+SELECT s.last, (SELECT count(*) FROM {self.table} t WHERE t.{self.k} = s.last), true
+FROM stats s WHERE s.last IS NOT NULL
+UNION ALL
+SELECT NULL, s.n, false FROM stats s
+"""
+
+    @cached_property
+    def lock_keys(self) -> str:
+        # Sorted by lock key: every worker takes its locks in the same global order, so
+        # workers never deadlock each other.
+        return f"""
+SELECT pg_advisory_xact_lock(h) FROM (
+    SELECT DISTINCT hashtextextended($2 || v::text, 0) AS h
+    FROM unnest($1::{self.key_type}[]) AS v ORDER BY h
+) s"""
+
+    def _order(self) -> str:
+        parts = [self.k]
+        parts += [quote_ident(o.column) + (" DESC" if o.descending else "") for o in self.keep]
+        parts.append(self.p)
+        return ", ".join(parts)
+
+    @cached_property
+    def read_groups_for_update(self) -> str:
+        return f"""SELECT {self.p} AS pk, {self.k} AS k FROM {self.table}
+WHERE {self.k} = ANY($1::{self.key_type}[]) ORDER BY {self._order()} FOR UPDATE"""
+
+    @cached_property
+    def read_groups(self) -> str:
+        return f"""SELECT {self.p} AS pk, {self.k} AS k FROM {self.table}
+WHERE {self.k} = ANY($1::{self.key_type}[]) ORDER BY {self._order()}"""
+
+    @cached_property
+    def check_candidates(self) -> str:
+        # $3: take a non-blocking advisory lock on each candidate (apply); dry-run takes none.
+        # A candidate is usable when it is locked by us and no row holds it.
+        return f"""
+SELECT v::text AS v,
+       CASE WHEN $3 THEN pg_try_advisory_xact_lock(hashtextextended($2 || v::text, 0))
+            ELSE true END AS locked,
+       EXISTS (SELECT 1 FROM {self.table} t WHERE t.{self.k} = v) AS taken
+FROM unnest($1::{self.key_type}[]) AS v"""
+
+    @cached_property
+    def apply_renames(self) -> str:
+        # Only the key column is written, only where it still holds the old value; the audit
+        # row is inserted by the same statement, so data and audit commit together.
+        return f"""
+WITH v AS (
+    SELECT * FROM unnest($1::{self.pk_type}[], $2::{self.key_type}[], $3::{self.key_type}[])
+        AS v(pk, old, new)
+), u AS (
+    UPDATE {self.table} t SET {self.k} = v.new FROM v
+    WHERE t.{self.p} = v.pk AND t.{self.k} = v.old
+    RETURNING t.{self.p} AS pk, v.old, v.new
+)
+INSERT INTO {self.state.changes} (run_id, pk, old_value, new_value)
+SELECT $4, u.pk::text, u.old::text, u.new::text FROM u"""
+
+    @cached_property
+    def table_has_key(self) -> str:
+        return f"SELECT EXISTS (SELECT 1 FROM {self.table} WHERE {self.k} = $1)"
+
+
+SET_BATCH_TIMEOUTS = (
+    "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)"
+)
+SET_SESSION_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, false)"

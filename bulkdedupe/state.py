@@ -1,0 +1,220 @@
+"""Runs, checkpoints and the audit trail in `<state-schema>`: creating them, registering and
+resuming a run, and saving where it got to."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from . import sql
+from .catalog import Target
+from .errors import RunStateError
+from .scanner import KeyRange
+
+RESUMABLE = ("running", "interrupted", "failed")
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+async def ensure_schema(conn: asyncpg.Connection, state: sql.StateSql) -> None:
+    # Serialize concurrent first runs: CREATE ... IF NOT EXISTS races on the catalog.
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('bulkdedupe.ddl', 0))")
+        for stmt in state.create:
+            await conn.execute(stmt)
+
+
+async def schema_exists(conn: asyncpg.Connection, state: sql.StateSql) -> bool:
+    return bool(await conn.fetchval(state.exists, state.runs, state.changes))
+
+
+@dataclass
+class Checkpoints:
+    """Per key range, the highest key below which every group has been committed.
+
+    Work items of one range are numbered in scan order; a range's checkpoint moves only over
+    the contiguous prefix of finished items, so a resume never skips unfinished work.
+    """
+
+    ranges: list[KeyRange]
+    _next: dict[int, int] = field(default_factory=dict)
+    _done: dict[int, dict[int, str | None]] = field(default_factory=dict)
+    _cursor: dict[int, str | None] = field(default_factory=dict)
+    _finished: set[int] = field(default_factory=set)
+    _issued: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for r in self.ranges:
+            self._next[r.index] = 0
+            self._done[r.index] = {}
+            self._cursor[r.index] = r.cursor
+            self._issued[r.index] = 0
+
+    def issue(self, range_index: int) -> int:
+        seq = self._issued[range_index]
+        self._issued[range_index] = seq + 1
+        return seq
+
+    def complete(self, range_index: int, seq: int, last_key: str | None) -> None:
+        done = self._done[range_index]
+        done[seq] = last_key
+        nxt = self._next[range_index]
+        while nxt in done:
+            key = done.pop(nxt)
+            if key is not None:
+                self._cursor[range_index] = key
+            nxt += 1
+        self._next[range_index] = nxt
+
+    def range_finished(self, range_index: int) -> None:
+        self._finished.add(range_index)
+
+    def to_json(self) -> dict[str, Any]:
+        out = []
+        for r in self.ranges:
+            finished = r.index in self._finished and self._next[r.index] == self._issued[r.index]
+            out.append(
+                KeyRange(r.index, r.lo, r.hi, self._cursor[r.index]).to_json() | {"done": finished}
+            )
+        return {"ranges": out}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRecord:
+    run_id: str
+    status: str
+    command: str
+    table_name: str
+    key_column: str
+    checkpoint: dict[str, Any] | None
+    renamed: int
+    groups: int
+    skipped: int
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> RunRecord:
+        cp = row["checkpoint"]
+        return cls(
+            run_id=row["run_id"],
+            status=row["status"],
+            command=row["command"],
+            table_name=row["table_name"],
+            key_column=row["key_column"],
+            checkpoint=json.loads(cp) if cp else None,
+            renamed=row["renamed"],
+            groups=row["groups"],
+            skipped=row["skipped"],
+        )
+
+    def remaining_ranges(self) -> list[KeyRange] | None:
+        if not self.checkpoint:
+            return None
+        return [
+            KeyRange.from_json(r) for r in self.checkpoint.get("ranges", []) if not r.get("done")
+        ]
+
+
+class RunLock:
+    """The session advisory lock that marks a run as being executed by a live process."""
+
+    def __init__(self, conn: asyncpg.Connection, run_id: str) -> None:
+        self.conn = conn
+        self.run_id = run_id
+
+    async def acquire(self) -> None:
+        if not await self.conn.fetchval(sql.RUN_LOCK, self.run_id):
+            raise RunStateError(
+                f"run {self.run_id} is being executed by another bulkdedupe process; "
+                "wait for it, or stop it first"
+            )
+
+    async def release(self) -> None:
+        await self.conn.fetchval(sql.RUN_UNLOCK, self.run_id)
+
+
+async def start_run(
+    conn: asyncpg.Connection,
+    state: sql.StateSql,
+    target: Target,
+    *,
+    run_id: str | None,
+    command: str,
+    options: dict[str, Any],
+    database_url: str,
+) -> tuple[str, RunRecord | None]:
+    """Register a new run, or re-open the unfinished run `run_id`. Returns the id and, when
+    resuming, the record it resumes from. The caller must hold the RunLock of the id."""
+    if run_id is not None:
+        row = await conn.fetchrow(state.get_run, run_id)
+        if row is not None:
+            rec = RunRecord.from_row(row)
+            if rec.table_name != target.display or rec.key_column != target.key:
+                raise RunStateError(
+                    f"run {run_id} was on {rec.table_name}.{rec.key_column}, "
+                    f"not {target.display}.{target.key}"
+                )
+            if rec.status not in RESUMABLE:
+                raise RunStateError(
+                    f"run {run_id} is {rec.status}; nothing to resume "
+                    "(omit --run-id to start a new run)"
+                )
+            await conn.execute(state.resume_run, run_id)
+            return run_id, rec
+    rid = run_id or new_run_id()
+    await conn.execute(
+        state.insert_run,
+        rid,
+        command,
+        target.display,
+        target.key,
+        target.pk,
+        json.dumps(options, default=str),
+        database_url,
+    )
+    return rid, None
+
+
+async def save_progress(
+    conn: asyncpg.Connection,
+    state: sql.StateSql,
+    run_id: str,
+    *,
+    groups: int,
+    renamed: int,
+    skipped: int,
+    checkpoint: dict[str, Any],
+) -> None:
+    await conn.execute(
+        state.save_progress, run_id, groups, renamed, skipped, json.dumps(checkpoint)
+    )
+
+
+async def finish_run(
+    conn: asyncpg.Connection,
+    state: sql.StateSql,
+    run_id: str,
+    *,
+    status: str,
+    groups: int,
+    renamed: int,
+    skipped: int,
+    checkpoint: dict[str, Any],
+    summary: dict[str, Any],
+) -> None:
+    await conn.execute(
+        state.finish_run,
+        run_id,
+        status,
+        groups,
+        renamed,
+        skipped,
+        json.dumps(checkpoint),
+        json.dumps(summary, default=str),
+    )

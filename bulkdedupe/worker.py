@@ -1,0 +1,311 @@
+"""The consumer: one batch = one short transaction. It takes the advisory locks of the batch's
+keys in sorted order, re-reads their rows FOR UPDATE, decides on that current data, renames the
+losers and writes the audit rows in the same transaction. Retries by exception class."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO, Any
+
+import anyio
+import asyncpg
+import structlog
+
+from . import sql
+from .catalog import Target
+from .errors import from_driver
+from .planner import GroupPlan, Row, candidates, plan_groups
+from .progress import Stats
+from .scanner import Group
+
+log = structlog.get_logger(__name__)
+
+# Failures that say "not now": the batch rolled back as a whole and can be tried again.
+RETRYABLE: tuple[type[BaseException], ...] = (
+    asyncpg.LockNotAvailableError,  # lock_timeout
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.QueryCanceledError,  # statement_timeout
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,  # pg_terminate_backend, server shutting down
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.InterfaceError,  # connection closed under us
+    OSError,
+    TimeoutError,
+)
+
+# Failures that belong to the rows of one group (a CHECK constraint, a trigger refusing the new
+# value...): the group is skipped with the error named, the run goes on.
+GROUP_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.DataError,
+)
+
+SKIP_REASONS: dict[type[BaseException], str] = {
+    asyncpg.LockNotAvailableError: "lock_timeout",
+    asyncpg.DeadlockDetectedError: "deadlock",
+    asyncpg.SerializationError: "serialization_failure",
+    asyncpg.QueryCanceledError: "statement_timeout",
+}
+
+MAX_CANDIDATE_ROUNDS = 20
+
+
+class StaleBatch(Exception):
+    """The UPDATE touched fewer rows than were read under lock: roll back and retry."""
+
+
+def skip_reason(exc: BaseException) -> str:
+    for cls, reason in SKIP_REASONS.items():
+        if isinstance(exc, cls):
+            return reason
+    if isinstance(exc, RETRYABLE):
+        return "connection_lost"
+    return type(exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class WorkItem:
+    """Groups handed to a worker; `seq` orders the items of one key range for checkpoints."""
+
+    range_index: int
+    seq: int
+    groups: tuple[Group, ...]
+    last_key: str | None
+
+    @property
+    def expected_renames(self) -> int:
+        return sum(g.count - 1 for g in self.groups)
+
+
+@dataclass(frozen=True, slots=True)
+class Rename:
+    pk: Any
+    old: str
+    new: str
+    survivor_pk: Any
+
+
+@dataclass(frozen=True, slots=True)
+class TxResult:
+    renames: list[Rename]
+    no_longer_duplicate: list[str]
+    unplaceable: list[Row]
+    leftover: list[str]  # keys whose groups exceed the batch budget: go again
+
+
+class PlanWriter:
+    """Writes the dry-run plan, one JSON object a line (workers share one file)."""
+
+    def __init__(self, fh: IO[str]) -> None:
+        self.fh = fh
+
+    def write(self, key: str, renames: Sequence[Rename]) -> None:
+        for r in renames:
+            self.fh.write(
+                json.dumps(
+                    {
+                        "pk": r.pk,
+                        "old_value": r.old,
+                        "new_value": r.new,
+                        "survivor_pk": r.survivor_pk,
+                        "key": key,
+                    },
+                    default=str,
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        pool: asyncpg.Pool,
+        target: Target,
+        queries: sql.TargetSql,
+        run_id: str,
+        apply: bool,
+        batch_size: int,
+        template: str,
+        lock_timeout: float,
+        statement_timeout: float,
+        max_retries: int,
+        stats: Stats,
+        plan: PlanWriter | None = None,
+        sample: list[Rename] | None = None,
+        sample_size: int = 10,
+    ) -> None:
+        self.pool = pool
+        self.target = target
+        self.q = queries
+        self.run_id = run_id
+        self.apply = apply
+        self.batch_size = batch_size
+        self.template = template
+        self.timeouts = (f"{int(lock_timeout * 1000)}ms", f"{int(statement_timeout * 1000)}ms")
+        self.max_retries = max_retries
+        self.stats = stats
+        self.plan = plan
+        self.sample = sample
+        self.sample_size = sample_size
+
+    async def handle(self, item: WorkItem) -> None:
+        """Work off every group of the item (several transactions for oversized groups)."""
+        counts = {g.key: g.count for g in item.groups}
+        pending = [g.key for g in item.groups]
+        while pending:
+            pending = await self._with_retries(pending, counts)
+
+    async def _with_retries(self, keys: list[str], counts: dict[str, int]) -> list[str]:
+        attempt = 0
+        while True:
+            try:
+                return await self._once(keys, counts)
+            except (*RETRYABLE, StaleBatch) as exc:
+                error: BaseException = exc
+            except GROUP_ERRORS as exc:
+                if len(keys) == 1:
+                    self._skip(keys, counts, type(exc).__name__, exc)
+                    return []
+                return await self._one_by_one(keys, counts)
+            except asyncpg.PostgresError as exc:
+                raise from_driver(exc, what="batch transaction") from exc
+            attempt += 1
+            self.stats.retries += 1
+            if attempt > self.max_retries:
+                if len(keys) > 1:
+                    # One hot key must not sink the whole batch: go group by group.
+                    return await self._one_by_one(keys, counts)
+                self._skip(keys, counts, skip_reason(error), error)
+                return []
+            delay = min(0.05 * 2**attempt, 2.0) * (0.5 + random.random())
+            log.debug("batch retry", attempt=attempt, error=type(error).__name__, delay=delay)
+            await anyio.sleep(delay)
+
+    async def _one_by_one(self, keys: list[str], counts: dict[str, int]) -> list[str]:
+        leftover: list[str] = []
+        for key in keys:
+            leftover += await self._with_retries([key], counts)
+        return leftover
+
+    def _skip(
+        self, keys: list[str], counts: dict[str, int], reason: str, exc: BaseException
+    ) -> None:
+        rows = sum(counts.get(k, 2) - 1 for k in keys)
+        self.stats.skip(reason, rows)
+        self.stats.groups_done += len(keys)
+        log.warning("groups skipped", reason=reason, groups=len(keys), rows=rows, error=str(exc))
+
+    async def _once(self, keys: list[str], counts: dict[str, int]) -> list[str]:
+        started = anyio.current_time()
+        result = await self._transaction(keys)
+        self.stats.batch_seconds.append(anyio.current_time() - started)
+        self.stats.batches += 1
+        self.stats.renamed += len(result.renames)
+        for key in result.no_longer_duplicate:
+            self.stats.skip("no_longer_duplicate", max(counts.get(key, 2) - 1, 0))
+        if result.unplaceable:
+            self.stats.skip("no_unique_value_fits", len(result.unplaceable))
+            log.warning(
+                "rows left unrenamed: no candidate value fits the column",
+                pks=[str(r.pk) for r in result.unplaceable[:10]],
+                max_length=self.target.key_max_length,
+            )
+        done = len(keys) - len(result.leftover)
+        self.stats.groups_done += done
+        if self.plan is not None and result.renames:
+            for key, renames in _by_key(result.renames).items():
+                self.plan.write(key, renames)
+        if self.sample is not None and len(self.sample) < self.sample_size:
+            self.sample.extend(result.renames[: self.sample_size - len(self.sample)])
+        return result.leftover
+
+    async def _transaction(self, keys: list[str]) -> TxResult:
+        budget = self.batch_size if self.apply else 1 << 62
+        async with self.pool.acquire() as conn, conn.transaction(readonly=not self.apply):
+            await conn.fetch(sql.SET_BATCH_TIMEOUTS, *self.timeouts)
+            if self.apply:
+                await conn.fetch(self.q.lock_keys, keys, self.target.lock_prefix)
+                rows = await conn.fetch(self.q.read_groups_for_update, keys)
+            else:
+                rows = await conn.fetch(self.q.read_groups, keys)
+            plans, single = plan_groups([Row(r["pk"], r["k"]) for r in rows], budget)
+            seen = {p.key for p in plans} | set(single)
+            gone = [k for k in keys if k not in seen]  # no row holds the key any more
+            renames, unplaceable = await self._assign(conn, plans)
+            if self.apply and renames:
+                status = await conn.execute(
+                    self.q.apply_renames,
+                    [r.pk for r in renames],
+                    [r.old for r in renames],
+                    [r.new for r in renames],
+                    self.run_id,
+                )
+                if int(status.split()[-1]) != len(renames):
+                    raise StaleBatch(f"expected {len(renames)} renames, wrote {status}")
+        leftover = [p.key for p in plans if p.rest > 0 and p.losers] if self.apply else []
+        return TxResult(renames, single + gone, unplaceable, leftover)
+
+    async def _assign(
+        self, conn: asyncpg.Connection, plans: list[GroupPlan]
+    ) -> tuple[list[Rename], list[Row]]:
+        """Give every loser a new value that no row holds, that no other row of this batch
+        gets, and (on --apply) whose advisory lock we could take, so concurrent workers never
+        pick the same value."""
+        t = self.target
+        gens = {}
+        owner: dict[Any, tuple[Row, Any]] = {}
+        for p in plans:
+            for row in p.losers:
+                gens[row.pk] = candidates(
+                    self.template, row.value, row.pk, t.key_max_length, char_semantics=t.key_is_char
+                )
+                owner[row.pk] = (row, p.survivor.pk)
+        chosen: dict[Any, str] = {}
+        used: set[str] = set()
+        unplaceable: list[Row] = []
+        pending = list(gens)
+        for _ in range(MAX_CANDIDATE_ROUNDS):
+            if not pending:
+                break
+            asking: dict[Any, str] = {}
+            asked: set[str] = set()
+            for pk in pending:
+                for c in gens[pk]:
+                    if c not in used and c not in asked:
+                        asking[pk] = c
+                        asked.add(c)
+                        break
+                else:
+                    unplaceable.append(owner[pk][0])
+            if not asking:
+                pending = []
+                break
+            checked = await conn.fetch(
+                self.q.check_candidates, list(asking.values()), t.lock_prefix, self.apply
+            )
+            free = {r["v"] for r in checked if r["locked"] and not r["taken"]}
+            pending = []
+            for pk, c in asking.items():
+                if c in free:
+                    chosen[pk] = c
+                    used.add(c)
+                else:
+                    used.add(c)  # taken or locked by another worker: never ask again
+                    pending.append(pk)
+        unplaceable += [owner[pk][0] for pk in pending]
+        renames = [Rename(pk, owner[pk][0].value, new, owner[pk][1]) for pk, new in chosen.items()]
+        return renames, unplaceable
+
+
+def _by_key(renames: list[Rename]) -> dict[str, list[Rename]]:
+    out: dict[str, list[Rename]] = {}
+    for r in renames:
+        out.setdefault(r.old, []).append(r)
+    return out
