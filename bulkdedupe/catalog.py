@@ -6,10 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from . import sql
 from .config import ConnectConfig, Name, OrderItem
+from .db import Conn
 from .errors import PrivilegeError, ReadOnlyError, TargetError
 
 TEXT_TYPES = {"text", "varchar", "bpchar"}
@@ -69,7 +68,7 @@ class Target:
         )
 
 
-async def server_info(conn: asyncpg.Connection) -> ServerInfo:
+async def server_info(conn: Conn) -> ServerInfo:
     row = await conn.fetchrow(sql.SERVER_INFO)
     assert row is not None
     return ServerInfo(
@@ -88,9 +87,7 @@ def _quoted_name(name: Name) -> str:
     return sql.qualify(name.schema, name.name) if name.schema else sql.quote_ident(name.name)
 
 
-async def resolve(
-    conn: asyncpg.Connection, cfg: ConnectConfig, keep: tuple[OrderItem, ...] = ()
-) -> Target:
+async def resolve(conn: Conn, cfg: ConnectConfig, keep: tuple[OrderItem, ...] = ()) -> Target:
     """Look the target up in the catalog and check it can be deduplicated."""
     table_row = await conn.fetchrow(sql.RESOLVE_TABLE, _quoted_name(cfg.table))
     if table_row is None:
@@ -169,7 +166,7 @@ async def resolve(
     )
 
 
-async def check_privileges(conn: asyncpg.Connection, target: Target, *, write: bool) -> None:
+async def check_privileges(conn: Conn, target: Target, *, write: bool) -> None:
     row = await conn.fetchrow(sql.PRIVILEGES, target.oid, target.key)
     assert row is not None
     if not row["can_select"]:

@@ -14,6 +14,9 @@ from .errors import ConnectError, UsageError, from_driver
 
 POOL_CLOSE_TIMEOUT = 10.0
 
+# A connection of our own or one borrowed from the pool: the queries do not care which.
+Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
 
 def _settings(statement_timeout: float | None) -> dict[str, str]:
     s = {"application_name": APPLICATION_NAME}

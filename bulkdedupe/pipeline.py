@@ -20,6 +20,7 @@ from anyio.abc import ObjectReceiveStream, ObjectSendStream
 from . import catalog, db, sql, state
 from .catalog import Target
 from .config import ConnectConfig, RunConfig, ScanConfig, redact_dsn
+from .db import Conn
 from .errors import BulkDedupeError, TargetError, UsageError, from_driver
 from .progress import Reporter, Stats, percentile
 from .results import RunSummary, ScanReport, VerifyResult
@@ -62,7 +63,7 @@ def _no_index_error(target: Target) -> TargetError:
 
 
 async def _resolve(
-    conn: asyncpg.Connection, cfg: ConnectConfig, keep: tuple[Any, ...] = (), *, write: bool
+    conn: Conn, cfg: ConnectConfig, keep: tuple[Any, ...] = (), *, write: bool
 ) -> Target:
     info = await catalog.server_info(conn)
     target = await catalog.resolve(conn, cfg, keep)
@@ -231,7 +232,7 @@ class _Producer:
         self.cp.range_finished(rng)
 
 
-async def _create_scan_index(conn: asyncpg.Connection, target: Target) -> str:
+async def _create_scan_index(conn: Conn, target: Target) -> str:
     name = f"bulkdedupe_scan_{target.table}_{target.key}"[:63]
     log.info("creating scan index concurrently", index=name, table=target.display)
     await conn.execute("SET statement_timeout = 0")

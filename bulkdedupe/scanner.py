@@ -14,6 +14,7 @@ import structlog
 
 from . import sql
 from .catalog import Target
+from .db import Conn
 
 log = structlog.get_logger(__name__)
 
@@ -55,7 +56,7 @@ class Page:
     seconds: float
 
 
-async def plan_ranges(conn: asyncpg.Connection, target: Target, scanners: int) -> list[KeyRange]:
+async def plan_ranges(conn: Conn, target: Target, scanners: int) -> list[KeyRange]:
     """Split the key space into `scanners` ranges of about equal size, from the planner's
     histogram (no table read). Without statistics, one range."""
     if scanners <= 1:

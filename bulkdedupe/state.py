@@ -13,6 +13,7 @@ import asyncpg
 
 from . import sql
 from .catalog import Target
+from .db import Conn
 from .errors import RunStateError
 from .scanner import KeyRange
 
@@ -23,7 +24,7 @@ def new_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-async def ensure_schema(conn: asyncpg.Connection, state: sql.StateSql) -> None:
+async def ensure_schema(conn: Conn, state: sql.StateSql) -> None:
     # Serialize concurrent first runs: CREATE ... IF NOT EXISTS races on the catalog.
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('bulkdedupe.ddl', 0))")
@@ -31,7 +32,7 @@ async def ensure_schema(conn: asyncpg.Connection, state: sql.StateSql) -> None:
             await conn.execute(stmt)
 
 
-async def schema_exists(conn: asyncpg.Connection, state: sql.StateSql) -> bool:
+async def schema_exists(conn: Conn, state: sql.StateSql) -> bool:
     return bool(await conn.fetchval(state.exists, state.runs, state.changes))
 
 
@@ -124,7 +125,7 @@ class RunRecord:
 class RunLock:
     """The session advisory lock that marks a run as being executed by a live process."""
 
-    def __init__(self, conn: asyncpg.Connection, run_id: str) -> None:
+    def __init__(self, conn: Conn, run_id: str) -> None:
         self.conn = conn
         self.run_id = run_id
 
@@ -140,7 +141,7 @@ class RunLock:
 
 
 async def start_run(
-    conn: asyncpg.Connection,
+    conn: Conn,
     state: sql.StateSql,
     target: Target,
     *,
@@ -182,7 +183,7 @@ async def start_run(
 
 
 async def save_progress(
-    conn: asyncpg.Connection,
+    conn: Conn,
     state: sql.StateSql,
     run_id: str,
     *,
@@ -197,7 +198,7 @@ async def save_progress(
 
 
 async def finish_run(
-    conn: asyncpg.Connection,
+    conn: Conn,
     state: sql.StateSql,
     run_id: str,
     *,

@@ -16,6 +16,7 @@ import structlog
 
 from . import sql
 from .catalog import Target
+from .db import Conn
 from .errors import from_driver
 from .planner import GroupPlan, Row, candidates, plan_groups
 from .progress import Stats
@@ -57,6 +58,9 @@ MAX_CANDIDATE_ROUNDS = 20
 
 class StaleBatch(Exception):
     """The UPDATE touched fewer rows than were read under lock: roll back and retry."""
+
+
+RETRY_OR_STALE: tuple[type[BaseException], ...] = (*RETRYABLE, StaleBatch)
 
 
 def skip_reason(exc: BaseException) -> str:
@@ -167,7 +171,7 @@ class Worker:
         while True:
             try:
                 return await self._once(keys, counts)
-            except (*RETRYABLE, StaleBatch) as exc:
+            except RETRY_OR_STALE as exc:
                 error: BaseException = exc
             except GROUP_ERRORS as exc:
                 if len(keys) == 1:
@@ -252,9 +256,7 @@ class Worker:
         leftover = [p.key for p in plans if p.rest > 0 and p.losers] if self.apply else []
         return TxResult(renames, single + gone, unplaceable, leftover)
 
-    async def _assign(
-        self, conn: asyncpg.Connection, plans: list[GroupPlan]
-    ) -> tuple[list[Rename], list[Row]]:
+    async def _assign(self, conn: Conn, plans: list[GroupPlan]) -> tuple[list[Rename], list[Row]]:
         """Give every loser a new value that no row holds, that no other row of this batch
         gets, and (on --apply) whose advisory lock we could take, so concurrent workers never
         pick the same value."""
