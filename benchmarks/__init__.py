@@ -1,0 +1,1 @@
+"""Benchmarks, the demo and the test-data generator; not part of the installed package."""
