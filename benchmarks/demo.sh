@@ -58,4 +58,37 @@ run bulkdedupe run -d "$DSN" --apply --batch-size 1000 --concurrency 4
 step "verify: no duplicates left, the UNIQUE index can be built"
 run bulkdedupe verify -d "$DSN"
 
-step "done"
+step "enforce: build the UNIQUE index CONCURRENTLY (converging on late duplicates) and prove it"
+run bulkdedupe enforce -d "$DSN"
+
+step "a duplicate insert is now rejected by the database"
+python - "$DSN" <<'PY'
+import asyncio, sys
+
+import asyncpg
+
+
+async def main(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        key = await conn.fetchval(
+            "SELECT transaction_id FROM payments WHERE transaction_id IS NOT NULL LIMIT 1"
+        )
+        print(f"INSERT INTO payments (transaction_id, ...) VALUES ({key!r}, ...)")
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO payments (transaction_id, amount, currency, status, created_at)"
+                " VALUES ($1, 1, 'EUR', 'new', now())",
+                key,
+            )
+        sys.exit("the duplicate was accepted: the unique index is missing")
+    except asyncpg.UniqueViolationError as exc:
+        print(f"rejected, as it should be: {exc}")
+    finally:
+        await conn.close()
+
+
+asyncio.run(main(sys.argv[1]))
+PY
+
+step "done: the table is deduplicated and the UNIQUE index enforces it"

@@ -1,7 +1,16 @@
 """bulkdedupe: make a duplicated key column of a large, live PostgreSQL table safe for a UNIQUE
 index, online, in small audited batches. The library API behind the `bulkdedupe` CLI."""
 
-from .config import ConnectConfig, Name, OrderItem, RunConfig, ScanConfig
+from .config import (
+    ConnectConfig,
+    EnforceConfig,
+    Name,
+    OrderItem,
+    RunConfig,
+    ScanConfig,
+    UndoConfig,
+)
+from .enforce import enforce
 from .errors import (
     BulkDedupeError,
     ConnectError,
@@ -13,29 +22,54 @@ from .errors import (
     UsageError,
 )
 from .pipeline import run, scan, verify
-from .results import RunSummary, ScanReport, VerifyResult
+from .report import Report, list_runs, open_report
+from .results import (
+    Change,
+    EnforceAttempt,
+    EnforceResult,
+    RunInfo,
+    RunsList,
+    RunSummary,
+    ScanReport,
+    UndoSummary,
+    VerifyResult,
+)
+from .undo import undo
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BulkDedupeError",
+    "Change",
     "ConnectConfig",
     "ConnectError",
+    "EnforceAttempt",
+    "EnforceConfig",
+    "EnforceResult",
     "Name",
     "OrderItem",
     "PrivilegeError",
     "ReadOnlyError",
+    "Report",
     "RunConfig",
+    "RunInfo",
     "RunStateError",
     "RunSummary",
+    "RunsList",
     "ScanConfig",
     "ScanReport",
     "TargetError",
+    "UndoConfig",
+    "UndoSummary",
     "UnsafeIdentifierError",
     "UsageError",
     "VerifyResult",
     "__version__",
+    "enforce",
+    "list_runs",
+    "open_report",
     "run",
     "scan",
+    "undo",
     "verify",
 ]

@@ -33,7 +33,7 @@ class Target:
     table: str
     key: str
     key_attnum: int
-    key_type: str  # base type as the catalog names it: text, character varying, character
+    key_type: str  # type name for casts, no modifier: text, character varying, bpchar
     key_max_length: int | None  # declared n of varchar(n)/char(n)
     key_is_char: bool  # char(n): trailing blanks are insignificant
     key_collation: int
@@ -81,6 +81,12 @@ async def server_info(conn: Conn) -> ServerInfo:
         role=row["role"],
         database=row["database"],
     )
+
+
+def _array_safe_type(column: Any) -> str:
+    """The column's type name for `$n::<type>[]` casts. format_type() names bpchar without a
+    modifier `character`, which means char(1) and would truncate every value to one letter."""
+    return "bpchar" if column["typname"] == "bpchar" else str(column["base_type"])
 
 
 def _quoted_name(name: Name) -> str:
@@ -154,12 +160,12 @@ async def resolve(conn: Conn, cfg: ConnectConfig, keep: tuple[OrderItem, ...] = 
         table=table_row["relname"],
         key=cfg.key,
         key_attnum=key["attnum"],
-        key_type=key["base_type"],
+        key_type=_array_safe_type(key),
         key_max_length=max_length,
         key_is_char=key["typname"] == "bpchar",
         key_collation=key["attcollation"],
         pk=pk_name,
-        pk_type=pk["base_type"],
+        pk_type=_array_safe_type(pk),
         keep=keep,
         estimated_rows=max(int(table_row["reltuples"]), 0),
         scan_index=index_rows[0]["index_name"] if index_rows else None,

@@ -3,8 +3,11 @@ the result, exit with the documented code. Only bulkdedupe's own errors are caug
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -18,10 +21,14 @@ from . import __version__, logs, pipeline
 from .config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
+    DEFAULT_CONCURRENCY_WHILE_SCANNING,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_ENFORCE_LOCK_TIMEOUT,
     DEFAULT_KEY,
     DEFAULT_LOCK_TIMEOUT,
+    DEFAULT_MAX_ATTEMPTS,
     DEFAULT_MAX_RETRIES,
+    DEFAULT_MIN_BATCH_SIZE,
     DEFAULT_SCAN_PAGE_SIZE,
     DEFAULT_SCANNERS,
     DEFAULT_STATE_SCHEMA,
@@ -30,20 +37,27 @@ from .config import (
     DEFAULT_TEMPLATE,
     DEFAULT_TOP,
     ConnectConfig,
+    EnforceConfig,
     RunConfig,
     ScanConfig,
+    UndoConfig,
     parse_column,
     parse_duration,
     parse_keep,
     parse_table,
 )
+from .enforce import enforce as enforce_unique
 from .errors import (
     EXIT_DUPLICATES,
+    EXIT_ENVIRONMENT,
     EXIT_INTERRUPTED,
     EXIT_OK,
     BulkDedupeError,
     UsageError,
 )
+from .report import DEFAULT_RUNS_LIMIT, list_runs, open_report
+from .results import Change
+from .undo import undo as undo_run
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -188,7 +202,34 @@ def emit(result: Any, fmt: str) -> None:
         click.echo(result.to_text())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _OneLineErrors(click.Group):
+    """Usage errors as one `bulkdedupe: error:` line like every other error (click's default
+    is a usage block); exit codes unchanged (2)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # bare `bulkdedupe`: the help text, as click does
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            ctx = exc.ctx if isinstance(exc, click.UsageError) else None
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            click.echo(f"bulkdedupe: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("bulkdedupe: interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@click.group(
+    cls=_OneLineErrors,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="bulkdedupe")
 @click.option(
     "--log-format",
@@ -253,7 +294,20 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
     type=int,
     default=DEFAULT_BATCH_SIZE,
     show_default=True,
-    help="Most rows changed in one transaction (>= 1).",
+    help="Most rows changed in one transaction (>= 1); the ceiling of adaptive sizing.",
+)
+@click.option(
+    "--min-batch-size",
+    type=int,
+    default=DEFAULT_MIN_BATCH_SIZE,
+    show_default=True,
+    help="Floor of adaptive batch sizing.",
+)
+@click.option(
+    "--target-batch-time",
+    default="250ms",
+    show_default=True,
+    help="Size batches so each transaction takes about this long; 'off' for fixed batches.",
 )
 @click.option(
     "--concurrency",
@@ -261,6 +315,13 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
     default=DEFAULT_CONCURRENCY,
     show_default=True,
     help="Worker connections (>= 1).",
+)
+@click.option(
+    "--concurrency-while-scanning",
+    type=int,
+    default=DEFAULT_CONCURRENCY_WHILE_SCANNING,
+    show_default=True,
+    help="Workers renaming while the scan still runs (renames slow the scan down).",
 )
 @click.option(
     "--keep",
@@ -315,7 +376,10 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
 def run(
     dry_run: bool,
     batch_size: int,
+    min_batch_size: int,
+    target_batch_time: str,
     concurrency: int,
+    concurrency_while_scanning: int,
     keep: str | None,
     template: str,
     run_id: str | None,
@@ -335,7 +399,14 @@ def run(
     run_cfg = RunConfig(
         apply=not dry_run,
         batch_size=batch_size,
+        min_batch_size=min_batch_size,
+        target_batch_time=(
+            None
+            if target_batch_time.strip().lower() in ("off", "0", "none")
+            else parse_duration(target_batch_time, "--target-batch-time")
+        ),
         concurrency=concurrency,
+        concurrency_while_scanning=concurrency_while_scanning,
         keep=parse_keep(keep) if keep else (),
         template=template,
         run_id=run_id,
@@ -357,6 +428,245 @@ def run(
         )
         return EXIT_INTERRUPTED
     return EXIT_DUPLICATES if summary.failed_rows else EXIT_OK
+
+
+# --- enforce, undo, runs, report -----------------------------------------------------------
+
+
+@main.command()
+@connection_options
+@click.option(
+    "--index-name",
+    default=None,
+    help="Name of the unique index [default: <table>_<key>_key, cut to 63 bytes].",
+)
+@click.option(
+    "--constraint",
+    is_flag=True,
+    help="Then attach the index as a UNIQUE constraint (ALTER TABLE ... USING INDEX).",
+)
+@click.option(
+    "--max-attempts",
+    type=int,
+    default=DEFAULT_MAX_ATTEMPTS,
+    show_default=True,
+    help="Builds tried; between two, duplicates that arrived meanwhile are renamed.",
+)
+@click.option(
+    "--lock-timeout",
+    type=DURATION,
+    default=DEFAULT_ENFORCE_LOCK_TIMEOUT,
+    show_default=True,
+    help="Longest wait for the table lock that attaching the constraint needs.",
+)
+@click.option(
+    "--keep",
+    default=None,
+    help="Survivor order for renaming late duplicates, as in `run` [default: primary key].",
+)
+@click.option(
+    "--template",
+    default=DEFAULT_TEMPLATE,
+    show_default=True,
+    help="New value for late duplicates, as in `run`.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Rows per transaction when renaming late duplicates.",
+)
+@click.option(
+    "--concurrency",
+    type=int,
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Worker connections when renaming late duplicates.",
+)
+@format_option
+@handle_errors
+def enforce(
+    index_name: str | None,
+    constraint: bool,
+    max_attempts: int,
+    lock_timeout: float,
+    keep: str | None,
+    template: str,
+    batch_size: int,
+    concurrency: int,
+    fmt: str,
+    **kw: Any,
+) -> int:
+    """Build the UNIQUE index CONCURRENTLY, converging against live duplicates, and prove it.
+    Exit 0: enforced; 1: did not converge within --max-attempts."""
+    cfg = make_connect(kw)
+    ecfg = EnforceConfig(
+        index_name=parse_column(index_name, "--index-name") if index_name else None,
+        constraint=constraint,
+        max_attempts=max_attempts,
+        lock_timeout=lock_timeout,
+        dedupe=RunConfig(
+            apply=True,
+            keep=parse_keep(keep) if keep else (),
+            template=template,
+            batch_size=batch_size,
+            concurrency=concurrency,
+        ),
+    )
+    result = run_async(lambda: enforce_unique(cfg, ecfg, handle_signals=True))
+    emit(result, fmt)
+    if result.status == "interrupted":
+        return EXIT_INTERRUPTED
+    return EXIT_OK if result.ok else EXIT_DUPLICATES
+
+
+@main.command()
+@connection_options
+@click.option("--run-id", required=True, help="The applied run to revert (see `runs`).")
+@click.option(
+    "--dry-run/--apply",
+    "dry_run",
+    default=True,
+    show_default=True,
+    help="Dry run writes nothing; --apply restores.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=DEFAULT_BATCH_SIZE,
+    show_default=True,
+    help="Most rows restored in one transaction (>= 1).",
+)
+@click.option(
+    "--lock-timeout",
+    type=DURATION,
+    default=DEFAULT_LOCK_TIMEOUT,
+    show_default=True,
+    help="lock_timeout of each batch transaction.",
+)
+@click.option(
+    "--statement-timeout",
+    type=DURATION,
+    default=DEFAULT_STATEMENT_TIMEOUT,
+    show_default=True,
+    help="statement_timeout of each batch.",
+)
+@click.option(
+    "--max-retries",
+    type=int,
+    default=DEFAULT_MAX_RETRIES,
+    show_default=True,
+    help="Retries of a batch on lock timeout, deadlock or lost connection.",
+)
+@format_option
+@handle_errors
+def undo(
+    run_id: str,
+    dry_run: bool,
+    batch_size: int,
+    lock_timeout: float,
+    statement_timeout: float,
+    max_retries: int,
+    fmt: str,
+    **kw: Any,
+) -> int:
+    """Put back the values a run replaced, where rows still hold what the run wrote.
+    Rows changed since are reported, not overwritten."""
+    cfg = make_connect(kw)
+    ucfg = UndoConfig(
+        run_id=run_id,
+        apply=not dry_run,
+        batch_size=batch_size,
+        lock_timeout=lock_timeout,
+        statement_timeout=statement_timeout,
+        max_retries=max_retries,
+    )
+    summary = run_async(lambda: undo_run(cfg, ucfg, handle_signals=True))
+    emit(summary, fmt)
+    if summary.status == "interrupted":
+        return EXIT_INTERRUPTED
+    if summary.blocked_by:
+        click.echo(f"bulkdedupe: error: --apply would be refused: {summary.blocked_by}", err=True)
+        return EXIT_ENVIRONMENT
+    return EXIT_OK
+
+
+@main.command()
+@connection_options
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=DEFAULT_RUNS_LIMIT,
+    show_default=True,
+    help="How many of the latest runs to list.",
+)
+@format_option
+@handle_errors
+def runs(limit: int, fmt: str, **kw: Any) -> int:
+    """The runs recorded in the state schema, newest first (all tables). Read-only."""
+    cfg = make_connect(kw)
+    emit(run_async(lambda: list_runs(cfg, limit)), fmt)
+    return EXIT_OK
+
+
+_REPORT_FIELDS = ("id", "pk", "old_value", "new_value", "changed_at")
+
+
+def _report_page(page: list[Change], fmt: str) -> str:
+    if fmt == "json":
+        return "".join(json.dumps(c.to_json(), ensure_ascii=False) + "\n" for c in page)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerows(
+            (c.id, c.pk, c.old_value, c.new_value, c.changed_at.isoformat()) for c in page
+        )
+        return buf.getvalue()
+    return "".join(
+        f"  {c.pk:>12}  {c.changed_at:%Y-%m-%d %H:%M:%S}  {c.old_value!r} -> {c.new_value!r}\n"
+        for c in page
+    )
+
+
+@main.command()
+@connection_options
+@click.option("--run-id", required=True, help="The run whose audit to print (see `runs`).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="Human lines, JSON lines (one change each), or CSV with a header.",
+)
+@handle_errors
+def report(run_id: str, fmt: str, **kw: Any) -> int:
+    """The audit of one run (pk, old value, new value, when), streamed page by page."""
+    cfg = make_connect(kw)
+    out = sys.stdout
+
+    async def stream() -> None:
+        async with open_report(cfg, run_id) as rep:
+            r = rep.run
+            if fmt == "csv":
+                out.write(",".join(_REPORT_FIELDS) + "\n")
+            elif fmt == "table":
+                out.write(
+                    f"run {r.run_id} ({r.command}, {r.status}) on {r.table}.{r.key}: "
+                    f"{r.rows_changed:,} rows changed\n"
+                    f"  {'pk':>12}  {'changed at':<19}  old -> new\n"
+                )
+            async for page in rep.pages():
+                out.write(_report_page(page, fmt))
+
+    try:
+        run_async(stream)
+        out.flush()
+    except BrokenPipeError:
+        # `report ... | head`: the reader has what it wanted; do not die with a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from .errors import UnsafeIdentifierError, UsageError
 
@@ -17,6 +17,9 @@ DEFAULT_STATE_SCHEMA = "bulkdedupe"
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_CONCURRENCY = 4
+DEFAULT_CONCURRENCY_WHILE_SCANNING = 1
+DEFAULT_TARGET_BATCH_TIME = 0.25
+DEFAULT_MIN_BATCH_SIZE = 10
 DEFAULT_TEMPLATE = "{value}-{pk}"
 DEFAULT_LOCK_TIMEOUT = 2.0
 DEFAULT_STATEMENT_TIMEOUT = 30.0
@@ -28,6 +31,7 @@ APPLICATION_NAME = "bulkdedupe"
 
 _PLAIN_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 _MAX_IDENT_BYTES = 63
+_SECRET_PARAMS = frozenset({"password", "sslpassword"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,13 +166,22 @@ def redact_dsn(dsn: str) -> str:
         parts = urlsplit(dsn)
     except ValueError:
         return "<unparseable database url>"
-    if parts.password is None:
+    # By string, not by .hostname/.port: those raise on multi-host URLs (h1:5432,h2:5433),
+    # which libpq and asyncpg accept.
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = f"{userinfo.partition(':')[0]}:***@{hosts}" if at and ":" in userinfo else None
+    # libpq also takes the password as a query parameter.
+    items = parts.query.split("&") if parts.query else []
+    redacted = [
+        f"{k}=***" if (k := unquote_plus(i.partition("=")[0])) in _SECRET_PARAMS else i
+        for i in items
+    ]
+    if netloc is None and redacted == items:
         return dsn
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    # Not urlunsplit: it drops the empty authority of postgresql:///db?host=/socket.
+    out = f"{parts.scheme}://{netloc or parts.netloc}{parts.path}"
+    out += f"?{'&'.join(redacted)}" if redacted else ""
+    return out + (f"#{parts.fragment}" if parts.fragment else "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,6 +231,9 @@ class RunConfig:
     apply: bool = False
     batch_size: int = DEFAULT_BATCH_SIZE
     concurrency: int = DEFAULT_CONCURRENCY
+    concurrency_while_scanning: int = DEFAULT_CONCURRENCY_WHILE_SCANNING
+    target_batch_time: float | None = DEFAULT_TARGET_BATCH_TIME  # None: fixed batch size
+    min_batch_size: int = DEFAULT_MIN_BATCH_SIZE
     keep: tuple[OrderItem, ...] = ()
     template: str = DEFAULT_TEMPLATE
     run_id: str | None = None
@@ -229,6 +245,7 @@ class RunConfig:
     keep_scan_index: bool = False
     scan: ScanConfig = field(default_factory=ScanConfig)
     progress_interval: float = 10.0
+    spool_dir: str | None = None  # where the scan spills groups ahead of the workers
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -237,6 +254,12 @@ class RunConfig:
             raise UsageError(f"--concurrency {self.concurrency}: must be at least 1")
         if self.concurrency > 64:
             raise UsageError(f"--concurrency {self.concurrency}: at most 64 worker connections")
+        if self.concurrency_while_scanning < 1:
+            raise UsageError("--concurrency-while-scanning must be at least 1")
+        if self.min_batch_size < 1:
+            raise UsageError(f"--min-batch-size {self.min_batch_size}: must be at least 1")
+        if self.target_batch_time is not None and self.target_batch_time <= 0:
+            raise UsageError("--target-batch-time must be greater than zero (or off)")
         if self.max_retries < 0:
             raise UsageError("--max-retries must be 0 or more")
         if self.lock_timeout <= 0 or self.statement_timeout <= 0:
@@ -246,3 +269,66 @@ class RunConfig:
                 f"--run-id {self.run_id!r}: use 1-64 letters, digits, '_', '-', '.', ':'"
             )
         validate_template(self.template)
+
+
+# --- enforce and undo ----------------------------------------------------------------------
+
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_ENFORCE_LOCK_TIMEOUT = 5.0
+DEFAULT_CLEANUP_TIMEOUT = 60.0
+_RUN_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnforceConfig:
+    """Options of `bulkdedupe enforce`. `dedupe` holds the engine options used when live
+    duplicates make the build fail (the same rules as `run --apply`)."""
+
+    index_name: str | None = None
+    constraint: bool = False
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    lock_timeout: float = DEFAULT_ENFORCE_LOCK_TIMEOUT
+    attach_retries: int = DEFAULT_MAX_RETRIES
+    cleanup_timeout: float = DEFAULT_CLEANUP_TIMEOUT
+    dedupe: RunConfig = field(default_factory=lambda: RunConfig(apply=True))
+
+    def __post_init__(self) -> None:
+        if self.index_name is not None and (
+            not self.index_name
+            or "\x00" in self.index_name
+            or len(self.index_name.encode()) > _MAX_IDENT_BYTES
+        ):
+            raise UsageError(f"--index-name {self.index_name!r}: empty or longer than 63 bytes")
+        if self.max_attempts < 1:
+            raise UsageError(f"--max-attempts {self.max_attempts}: must be at least 1")
+        if self.lock_timeout <= 0:
+            raise UsageError("--lock-timeout must be greater than zero")
+        if self.attach_retries < 0:
+            raise UsageError("--max-retries must be 0 or more")
+        if self.dedupe.run_id is not None:
+            raise UsageError("enforce names its dedupe runs itself; leave run_id unset")
+
+
+@dataclass(frozen=True, kw_only=True)
+class UndoConfig:
+    """Options of `bulkdedupe undo`: which run to revert, and whether to write."""
+
+    run_id: str
+    apply: bool = False
+    batch_size: int = DEFAULT_BATCH_SIZE
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+    max_retries: int = DEFAULT_MAX_RETRIES
+    sample_size: int = 10
+
+    def __post_init__(self) -> None:
+        if not _RUN_ID.fullmatch(self.run_id):
+            raise UsageError(
+                f"--run-id {self.run_id!r}: use 1-64 letters, digits, '_', '-', '.', ':'"
+            )
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.max_retries < 0:
+            raise UsageError("--max-retries must be 0 or more")
+        if self.lock_timeout <= 0 or self.statement_timeout <= 0:
+            raise UsageError("--lock-timeout and --statement-timeout must be greater than zero")

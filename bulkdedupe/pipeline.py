@@ -15,9 +15,10 @@ from typing import IO, Any
 import anyio
 import asyncpg
 import structlog
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.abc import ObjectReceiveStream
 
 from . import catalog, db, sql, state
+from .batching import BatchSizer
 from .catalog import Target
 from .config import ConnectConfig, RunConfig, ScanConfig, redact_dsn
 from .db import Conn
@@ -25,6 +26,7 @@ from .errors import BulkDedupeError, TargetError, UsageError, from_driver
 from .progress import Reporter, Stats, percentile
 from .results import RunSummary, ScanReport, VerifyResult
 from .scanner import Group, KeyRange, plan_ranges, scan_range
+from .spool import Spool
 from .worker import PlanWriter, Rename, Worker, WorkItem
 
 log = structlog.get_logger(__name__)
@@ -195,9 +197,9 @@ class _Producer:
     """Packs the groups of each key range into work items of about `batch_size` renames."""
 
     def __init__(
-        self, send: ObjectSendStream[WorkItem], checkpoints: state.Checkpoints, batch_size: int
+        self, spool: Spool[WorkItem], checkpoints: state.Checkpoints, batch_size: int
     ) -> None:
-        self.send = send
+        self.spool = spool
         self.cp = checkpoints
         self.batch_size = batch_size
         self.pending: dict[int, list[Group]] = {}
@@ -210,7 +212,7 @@ class _Producer:
         if not groups:
             self.cp.complete(rng, seq, last_key)  # nothing to do up to here
             return
-        await self.send.send(WorkItem(rng, seq, tuple(groups), last_key))
+        await self.spool.put(WorkItem(rng, seq, tuple(groups), last_key))
 
     async def on_page(self, rng: int, groups: list[Group], last_key: str | None) -> None:
         pending = self.pending.setdefault(rng, [])
@@ -230,6 +232,16 @@ class _Producer:
     async def finish_range(self, rng: int, last_key: str | None) -> None:
         await self._emit(rng, last_key)
         self.cp.range_finished(rng)
+
+
+def _check_output(path: Path) -> None:
+    """Refuse an unwritable --output before the run writes anything to the database (the
+    state schema and a runs row would otherwise be left behind by a typo)."""
+    try:
+        with Path(path).open("a", encoding="utf-8"):  # "a": an existing plan is kept as is
+            pass
+    except OSError as exc:
+        raise UsageError(f"--output {path}: {exc.strerror}") from None
 
 
 async def _create_scan_index(conn: Conn, target: Target) -> str:
@@ -264,6 +276,8 @@ async def run(
     status = "failed"
     run_id = run_cfg.run_id or state.new_run_id()
     st = sql.StateSql(cfg.state_schema)
+    if run_cfg.output is not None:
+        _check_output(run_cfg.output)
 
     async with (
         _errors("run"),
@@ -329,7 +343,11 @@ async def run(
             "queries": target.queries(cfg.state_schema),
             "run_id": run_id,
             "apply": apply,
-            "batch_size": run_cfg.batch_size,
+            "sizer": BatchSizer(
+                target=run_cfg.target_batch_time,
+                minimum=run_cfg.min_batch_size,
+                maximum=run_cfg.batch_size,
+            ),
             "template": run_cfg.template,
             "lock_timeout": run_cfg.lock_timeout,
             "statement_timeout": run_cfg.statement_timeout,
@@ -338,14 +356,15 @@ async def run(
             "plan": PlanWriter(plan_fh) if plan_fh else None,
             "sample": sample,
         }
+        spool: Spool[WorkItem] = Spool(directory=run_cfg.spool_dir)
         send, recv = anyio.create_memory_object_stream[WorkItem](max(2, run_cfg.concurrency * 2))
-        producer = _Producer(send, checkpoints, run_cfg.batch_size)
+        producer = _Producer(spool, checkpoints, run_cfg.batch_size)
         reporter = Reporter(
             stats, verb="renamed" if apply else "would rename", interval=run_cfg.progress_interval
         )
 
         async def produce() -> None:
-            async with send:
+            try:
                 await _scan_groups(
                     pool,
                     target,
@@ -356,6 +375,31 @@ async def run(
                     producer.finish_range,
                     stop,
                 )
+                stats.scan_seconds = stats.elapsed()
+                limiter.total_tokens = run_cfg.concurrency
+                log.info(
+                    "scan finished",
+                    seconds=round(stats.scan_seconds, 2),
+                    groups=stats.groups_found,
+                    spooled_bytes=spool.peak_disk_bytes,
+                )
+            finally:
+                spool.close()
+
+        async def pump() -> None:
+            # spool -> bounded stream: the workers' backpressure stops here, not at the scan
+            async with send:
+                while (item := await spool.get()) is not None:
+                    if stop.is_set():
+                        return
+                    await send.send(item)
+
+        # Renames clear the visibility map of the pages they touch, and every cleared page
+        # turns the scan's index-only reads into heap reads: few workers while the scan runs,
+        # all of them once it is done.
+        limiter = anyio.CapacityLimiter(
+            min(run_cfg.concurrency, run_cfg.concurrency_while_scanning)
+        )
 
         async def consume(items: ObjectReceiveStream[WorkItem]) -> None:
             worker = Worker(**worker_kw)
@@ -363,7 +407,8 @@ async def run(
                 async for item in items:
                     if stop.is_set():
                         return
-                    await worker.handle(item)
+                    async with limiter:
+                        await worker.handle(item)
                     checkpoints.complete(item.range_index, item.seq, item.last_key)
 
         async def save_checkpoints() -> None:
@@ -396,8 +441,10 @@ async def run(
 
         async def stop_when_asked(scope: anyio.CancelScope) -> None:
             await stop.wait()
-            # Stop taking work: close the stream for the producer; workers drain in-flight work.
+            # Stop taking work: cancel the scan, drop what waits in the spool (the checkpoint
+            # has not passed it: a resume scans it again); in-flight batches finish.
             scope.cancel()
+            spool.discard()
 
         try:
             async with anyio.create_task_group() as outer:
@@ -414,6 +461,7 @@ async def run(
                             await produce()
 
                     work.start_soon(guarded_produce)
+                    work.start_soon(pump)
                     outer.start_soon(stop_when_asked, producer_scope)
                     async with recv:
                         for _ in range(run_cfg.concurrency):
@@ -421,6 +469,7 @@ async def run(
                 status = "interrupted" if stop.is_set() else "completed"
                 outer.cancel_scope.cancel()
         finally:
+            spool.discard()
             if plan_fh is not None:
                 plan_fh.close()
             reporter.close()
@@ -478,6 +527,7 @@ def _summary(
         batch_ms_p99=round(percentile(ms, 99), 2),
         batch_ms_max=round(max(ms, default=0.0), 2),
         longest_scan_page_ms=round(stats.longest_page_seconds * 1000, 2),
+        scan_s=round(stats.scan_seconds, 3),
         output=str(run_cfg.output) if run_cfg.output else None,
         sample=tuple(
             {"pk": r.pk, "old_value": r.old, "new_value": r.new, "survivor_pk": r.survivor_pk}

@@ -29,6 +29,8 @@ class Stats:
     retries: int = 0
     batch_seconds: list[float] = field(default_factory=list)
     longest_page_seconds: float = 0.0
+    scan_seconds: float = 0.0
+    batch_size: int = 0  # the sizer's current batch size
     started: float = field(default_factory=anyio.current_time)
 
     def elapsed(self) -> float:
@@ -94,7 +96,8 @@ class Reporter:
         bar = "#" * filled + "-" * (width - filled)
         return (
             f"[{bar}]{pct} scanned {s.scanned_rows:,} · groups {s.groups_found:,} · "
-            f"{self.verb} {s.renamed:,} · {s.rate():,.0f} rows/s · ETA {_fmt_eta(s.eta())}"
+            f"{self.verb} {s.renamed:,} · {s.rate():,.0f} rows/s · batch {s.batch_size} · "
+            f"ETA {_fmt_eta(s.eta())}"
         )
 
     def emit(self) -> None:
@@ -111,6 +114,7 @@ class Reporter:
                 renamed=s.renamed,
                 skipped_rows=s.skipped_rows,
                 batches=s.batches,
+                batch_size=s.batch_size,
                 rows_per_s=round(s.rate(), 1),
                 eta_s=None if s.eta() is None else round(s.eta() or 0.0),
             )

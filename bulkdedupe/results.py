@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 
@@ -113,6 +115,7 @@ class RunSummary:
     batch_ms_p99: float
     batch_ms_max: float
     longest_scan_page_ms: float
+    scan_s: float = 0.0
     output: str | None = None
     sample: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
@@ -146,6 +149,7 @@ class RunSummary:
                 f"{self.batch_ms_p50:.1f} / {self.batch_ms_p99:.1f} / {self.batch_ms_max:.1f}",
             ),
             ("longest scan page (ms)", round(self.longest_scan_page_ms, 1)),
+            ("scan finished after (s)", round(self.scan_s, 2)),
         ]
         if self.output:
             rows.append(("plan written to", self.output))
@@ -155,3 +159,221 @@ class RunSummary:
             for s in self.sample:
                 out += f"\n    pk {s['pk']}: {s['old_value']!r} -> {s['new_value']!r}"
         return out
+
+
+# --- enforce, undo, runs, report -----------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnforceAttempt:
+    """One CREATE UNIQUE INDEX CONCURRENTLY and, if live duplicates broke it, the dedupe run."""
+
+    number: int
+    outcome: str  # "built" | "duplicates" | "retryable" | "interrupted"
+    build_s: float
+    error: str | None = None
+    dedupe_run_id: str | None = None
+    rows_renamed: int = 0
+    rows_skipped: int = 0
+    dedupe_s: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnforceResult:
+    """The end of `enforce`: whether the key is now guarded by a valid unique index."""
+
+    table: str
+    key: str
+    index: str
+    status: str  # "created" | "already_enforced" | "not_converged" | "interrupted"
+    attempts: tuple[EnforceAttempt, ...]
+    dropped_invalid: int
+    constraint: str | None
+    constraint_status: str | None  # "attached" | "already_attached"
+    index_valid: bool
+    index_unique: bool
+    duplicate_rejected: bool | None  # None: the table has too few rows to try
+    proof: str
+    phases: tuple[tuple[str, float], ...]
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("created", "already_enforced")
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["phases"] = [{"phase": p, "seconds": round(s, 3)} for p, s in self.phases]
+        d["ok"] = self.ok
+        return d
+
+    def to_text(self) -> str:
+        verdict = {
+            "created": "OK: unique index built",
+            "already_enforced": "OK: already enforced, nothing to do",
+            "not_converged": "NOT CONVERGED: duplicates keep arriving",
+            "interrupted": "INTERRUPTED: no index left behind",
+        }.get(self.status, self.status)
+        rows: list[tuple[str, Any]] = [
+            ("index", self.index),
+            ("valid / unique", f"{self.index_valid} / {self.index_unique}"),
+            ("duplicate rejected", self.proof),
+            ("invalid indexes dropped", self.dropped_invalid),
+        ]
+        if self.constraint:
+            rows.append(("constraint", f"{self.constraint} ({self.constraint_status})"))
+        rows.append(("attempts", len(self.attempts)))
+        for a in self.attempts:
+            line = f"{a.outcome}, build {a.build_s:.2f}s"
+            if a.dedupe_run_id:
+                line += (
+                    f"; dedupe run {a.dedupe_run_id}: {a.rows_renamed:,} renamed, "
+                    f"{a.rows_skipped:,} skipped, {a.dedupe_s:.2f}s"
+                )
+            if a.error:
+                line += f" ({a.error})"
+            rows.append((f"  attempt {a.number}", line))
+        rows += [(f"  {p} (s)", round(s, 3)) for p, s in self.phases]
+        rows.append(("duration (s)", round(self.duration_s, 2)))
+        return table_text(f"enforce {self.table}.{self.key}: {verdict}", rows)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UndoSummary:
+    """The end of `undo`: what was (or, on a dry run, would be) put back."""
+
+    run_id: str | None  # the undo's own run (None on a dry run: nothing is recorded)
+    undo_of: str
+    mode: str  # "dry-run" | "apply"
+    status: str  # "completed" | "interrupted" | "blocked"
+    table: str
+    key: str
+    changes: int  # audit rows of the undone run that were examined
+    restored: int
+    already_restored: int
+    changed_since: int
+    deleted_since: int
+    changed_sample: tuple[str, ...]  # pks of rows changed since, not overwritten
+    blocked_by: str | None  # the unique index that must be dropped first
+    batches: int
+    retries: int
+    duration_s: float
+    sample: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"sample": list(self.sample)}
+
+    def to_text(self) -> str:
+        verb = "rows restored" if self.mode == "apply" else "rows that would be restored"
+        rows: list[tuple[str, Any]] = [
+            ("undo run id", self.run_id or "-"),
+            ("undoes run", self.undo_of),
+            ("mode", self.mode),
+            ("status", self.status),
+            ("audit rows examined", self.changes),
+            (verb, self.restored),
+            ("already restored", self.already_restored),
+            ("changed since (kept)", self.changed_since),
+            ("deleted since", self.deleted_since),
+        ]
+        if self.changed_sample:
+            rows.append(("  e.g. pks", ", ".join(self.changed_sample)))
+        if self.blocked_by:
+            rows.append(("blocked by", self.blocked_by))
+        rows += [
+            ("batches", self.batches),
+            ("retries", self.retries),
+            ("duration (s)", round(self.duration_s, 2)),
+        ]
+        out = table_text(f"undo on {self.table}.{self.key}", rows)
+        if self.sample:
+            out += "\n  sample:"
+            for s in self.sample:
+                out += f"\n    pk {s['pk']}: {s['from']!r} -> {s['to']!r}"
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunInfo:
+    """One row of `<state-schema>.runs`."""
+
+    run_id: str
+    command: str
+    table: str
+    key: str
+    pk: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    rows_changed: int
+    options: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["started_at"] = self.started_at.isoformat()
+        d["finished_at"] = self.finished_at.isoformat() if self.finished_at else None
+        return d
+
+
+def _when(t: datetime | None) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S%z") if t else "-"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunsList:
+    state_schema: str
+    runs: tuple[RunInfo, ...]
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state_schema": self.state_schema,
+            "runs": [r.to_json() for r in self.runs],
+            "note": self.note,
+        }
+
+    def to_text(self) -> str:
+        if not self.runs:
+            return f"no runs{': ' + self.note if self.note else ''}"
+        header = ("run id", "command", "table.key", "status", "started", "finished", "rows")
+        lines = [
+            (
+                r.run_id,
+                r.command,
+                f"{r.table}.{r.key}",
+                r.status,
+                _when(r.started_at),
+                _when(r.finished_at),
+                f"{r.rows_changed:,}",
+            )
+            for r in self.runs
+        ]
+        widths = [max(len(c[i]) for c in [header, *lines]) for i in range(len(header))]
+        out = []
+        for cells in [header, *lines]:
+            out.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
+        for r in self.runs:
+            if r.options:
+                opts = json.dumps(r.options, default=str, ensure_ascii=False, sort_keys=True)
+                out.append(f"  {r.run_id} options: {opts}")
+        return "\n".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One audit row: the key of row `pk` went from `old_value` to `new_value`."""
+
+    id: int
+    pk: str
+    old_value: str
+    new_value: str
+    changed_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "pk": self.pk,
+            "old_value": self.old_value,
+            "new_value": self.new_value,
+            "changed_at": self.changed_at.isoformat(),
+        }

@@ -113,20 +113,23 @@ async def scan_range(
             await anyio.sleep(min(0.2 * 2**failures, 5.0))
             continue
         failures = 0
-        seconds = anyio.current_time() - started
-        groups: list[Group] = []
+        groups = [Group(r["k"], r["n"]) for r in rows if r["rn"] != size]
         last: str | None = None
-        read = 0
-        for r in rows:
-            if r["k"] is None:
-                read = r["n"]
-            elif r["is_last"]:
-                last = r["k"]
-                if r["n"] > 1:
-                    groups.append(Group(r["k"], r["n"]))
-            else:
-                groups.append(Group(r["k"], r["n"]))
+        full = len(rows) > 0 and any(r["rn"] == size for r in rows)
+        if full:
+            # the page ended in this key's run of entries: count it whole (an index probe)
+            last_row = next(r for r in rows if r["rn"] == size)
+            last = last_row["k"]
+            n = await pool.fetchval(q.count_key, last)
+            if n > 1:
+                groups.append(Group(last, n))
+            read = size + n - last_row["n"]  # the rest of the last key's entries, skipped next
+        else:
+            read = await pool.fetchval(
+                q.scan_page_count(lower, rng.hi is not None), bound, rng.hi, size
+            )
+        seconds = anyio.current_time() - started
         yield Page(rng.index, groups, last, read, seconds)
-        if read < size or last is None:
+        if not full or last is None:
             return
         cursor = last

@@ -239,10 +239,24 @@ class TargetSql:
         return quote_ident(self.pk)
 
     def scan_page(self, lower: LowerBound, upper: bool) -> str:
-        """One keyset page over the key index: at most $3 index entries after the cursor,
-        the duplicate groups among them, and the complete count of the last key in the page
-        (its group may continue past the page). The row with a NULL key carries the number of
-        entries read. $1 = lower bound / cursor, $2 = upper bound (exclusive)."""
+        """One keyset page over the key index: the first $3 index entries after the cursor,
+        grouped as they stream out of the index (no sort, no materialization). Returns the
+        duplicate groups, plus the group holding entry number $3 (`rn` = $3): the page ended
+        inside or after it, so its count may be cut short and is re-counted by `count_key`.
+        $1 = lower bound / cursor, $2 = upper bound (exclusive)."""
+        return f"""
+SELECT p.k, count(*) AS n, max(p.rn) AS rn FROM (
+    SELECT {self.k} AS k, row_number() OVER (ORDER BY {self.k}) AS rn
+    FROM {self.table} WHERE {self._page_where(lower, upper)} ORDER BY {self.k} LIMIT $3
+) p
+GROUP BY p.k HAVING count(*) > 1 OR max(p.rn) = $3"""
+
+    def scan_page_count(self, lower: LowerBound, upper: bool) -> str:
+        """Entries in the last, short page of a range (for progress; at most $3 read)."""
+        return f"""SELECT count(*) FROM (
+    SELECT 1 FROM {self.table} WHERE {self._page_where(lower, upper)} LIMIT $3) p"""
+
+    def _page_where(self, lower: LowerBound, upper: bool) -> str:
         conds = [f"{self.k} IS NOT NULL"]
         if lower == "inclusive":
             conds.append(f"{self.k} >= $1")
@@ -251,23 +265,11 @@ class TargetSql:
         else:
             conds.append("$1::text IS NULL")
         conds.append(f"{self.k} < $2" if upper else "$2::text IS NULL")
-        where = " AND ".join(conds)
-        return f"""
-WITH page AS MATERIALIZED (
-    SELECT {self.k} AS k FROM {self.table} WHERE {where} ORDER BY {self.k} LIMIT $3
-), stats AS (
-    SELECT count(*) AS n, max(k) AS last FROM page
-)
-SELECT g.k, g.n, false AS is_last FROM (
-    SELECT p.k, count(*) AS n FROM page p, stats s WHERE p.k < s.last
-    GROUP BY p.k HAVING count(*) > 1
-) g
-UNION ALL
-SELECT s.last, (SELECT count(*) FROM {self.table} t WHERE t.{self.k} = s.last), true
-FROM stats s WHERE s.last IS NOT NULL
-UNION ALL
-SELECT NULL, s.n, false FROM stats s
-"""
+        return " AND ".join(conds)
+
+    @cached_property
+    def count_key(self) -> str:
+        return f"SELECT count(*) FROM {self.table} WHERE {self.k} = $1"
 
     @cached_property
     def lock_keys(self) -> str:
@@ -284,11 +286,6 @@ SELECT pg_advisory_xact_lock(h) FROM (
         parts += [quote_ident(o.column) + (" DESC" if o.descending else "") for o in self.keep]
         parts.append(self.p)
         return ", ".join(parts)
-
-    @cached_property
-    def read_groups_for_update(self) -> str:
-        return f"""SELECT {self.p} AS pk, {self.k} AS k FROM {self.table}
-WHERE {self.k} = ANY($1::{self.key_type}[]) ORDER BY {self._order()} FOR UPDATE"""
 
     @cached_property
     def read_groups(self) -> str:
@@ -322,12 +319,146 @@ WITH v AS (
 INSERT INTO {self.state.changes} (run_id, pk, old_value, new_value)
 SELECT $4, u.pk::text, u.old::text, u.new::text FROM u"""
 
-    @cached_property
-    def table_has_key(self) -> str:
-        return f"SELECT EXISTS (SELECT 1 FROM {self.table} WHERE {self.k} = $1)"
-
 
 SET_BATCH_TIMEOUTS = (
     "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)"
 )
 SET_SESSION_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, false)"
+
+
+# --- enforce: the unique index, its constraint, the proof ----------------------------------
+
+# Anything of that name in the schema (an index shares the namespace of tables and sequences),
+# with, when it is an index, what it is: table, uniqueness, columns, state, owning constraint.
+INDEX_BY_NAME = """
+SELECT c.oid, c.relkind::text AS relkind,
+       i.indrelid, i.indisunique, i.indisvalid, i.indisready, i.indnatts, i.indnkeyatts,
+       i.indkey[0] AS first_attnum, i.indpred IS NULL AS is_full, i.indexprs IS NULL AS is_plain,
+       i.indcollation[0] AS collation, am.amname,
+       CASE WHEN i.indexrelid IS NOT NULL THEN pg_get_indexdef(i.indexrelid) END AS definition,
+       con.conname, con.contype::text AS contype
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_index i ON i.indexrelid = c.oid
+LEFT JOIN pg_am am ON am.oid = c.relam
+LEFT JOIN pg_constraint con
+       ON con.conindid = c.oid AND con.conrelid = i.indrelid AND con.contype IN ('u', 'p', 'x')
+WHERE n.nspname = $1 AND c.relname = $2
+"""
+
+# A CREATE INDEX CONCURRENTLY of this index running in another session right now.
+INDEX_BUILD_IN_PROGRESS = """
+SELECT pid, phase FROM pg_stat_progress_create_index WHERE index_relid = $1 LIMIT 1
+"""
+
+CONSTRAINT_BY_NAME = """
+SELECT conname, contype::text AS contype, conindid FROM pg_constraint
+WHERE conrelid = $1 AND conname = $2
+"""
+
+# Unique indexes (valid or merely ready: a failed concurrent build still enforces uniqueness on
+# new writes) whose key columns include the column, with the constraint that owns them.
+UNIQUE_INDEXES_ON_COLUMN = """
+SELECT n.nspname AS schema, ic.relname AS index_name, i.indisvalid, con.conname
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = ic.relnamespace
+LEFT JOIN pg_constraint con
+       ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('u', 'p')
+WHERE i.indrelid = $1 AND i.indisunique AND i.indisready
+  AND $2::int2 = ANY (i.indkey[0:i.indnkeyatts - 1])
+ORDER BY ic.relname
+"""
+
+# One enforce per table at a time (session lock, gone with the connection): two would build the
+# same index name, and one's cleanup could drop the other's build.
+ENFORCE_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('bulkdedupe.enforce:' || $1, 0))"
+
+SET_DDL_SESSION = "SELECT set_config('statement_timeout', '0', false)"
+SET_LOCAL_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', $1, true)"
+
+
+def create_unique_index_concurrently(index: str, table: str, key: str) -> str:
+    return f"CREATE UNIQUE INDEX CONCURRENTLY {quote_ident(index)} ON {table} ({quote_ident(key)})"
+
+
+def add_unique_constraint_using_index(table: str, name: str) -> str:
+    return (
+        f"ALTER TABLE {table} ADD CONSTRAINT {quote_ident(name)} "
+        f"UNIQUE USING INDEX {quote_ident(name)}"
+    )
+
+
+def prove_duplicate_rejected(table: str, key: str, pk: str) -> str:
+    """Give one row the key of another (run in a savepoint that is rolled back): a unique index
+    must reject it. An UPDATE of the key alone cannot trip over NOT NULL columns the way an
+    INSERT of a copy would; SKIP LOCKED keeps it off rows the application is working on."""
+    k, p = quote_ident(key), quote_ident(pk)
+    return f"""
+WITH a AS (
+    SELECT {k} AS v FROM {table} WHERE {k} IS NOT NULL LIMIT 1
+), b AS (
+    SELECT t.{p} AS id FROM {table} t, a WHERE t.{k} IS DISTINCT FROM a.v
+    LIMIT 1 FOR UPDATE OF t SKIP LOCKED
+)
+UPDATE {table} t SET {k} = a.v FROM a, b WHERE t.{p} = b.id RETURNING t.{p}"""
+
+
+# --- undo and report -----------------------------------------------------------------------
+
+MAX_BIGINT = 9_223_372_036_854_775_807
+
+
+@dataclass(frozen=True)
+class UndoSql:
+    """Queries that put a run's old values back. Changes are read newest first, so a row
+    renamed twice (by a resumed run) is unwound in the reverse order of its renames."""
+
+    target: TargetSql
+
+    @cached_property
+    def changes_page_desc(self) -> str:
+        return f"""SELECT id, pk, old_value, new_value FROM {self.target.state.changes}
+            WHERE run_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3"""
+
+    @cached_property
+    def preview_page(self) -> str:
+        t = self.target
+        return f"""
+SELECT c.id, c.pk, c.old_value, c.new_value,
+       r.{t.k}::text AS current, r.{t.p} IS NOT NULL AS present
+FROM (
+    SELECT id, pk, old_value, new_value FROM {t.state.changes}
+    WHERE run_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3
+) c
+LEFT JOIN {t.table} r ON r.{t.p} = c.pk::{t.pk_type}
+ORDER BY c.id DESC"""
+
+    @cached_property
+    def lock_rows(self) -> str:
+        t = self.target
+        return f"""SELECT r.{t.p}::text AS pk, r.{t.k}::text AS current FROM {t.table} r
+WHERE r.{t.p} = ANY($1::text[]::{t.pk_type}[]) ORDER BY r.{t.p} FOR UPDATE"""
+
+    @cached_property
+    def restore(self) -> str:
+        # As TargetSql.apply_renames, the other way round: only rows still holding the value the
+        # run gave them; the undo's audit rows are written by the same statement.
+        t = self.target
+        return f"""
+WITH v AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS v(pk, cur, restore)
+), u AS (
+    UPDATE {t.table} r SET {t.k} = v.restore::{t.key_type} FROM v
+    WHERE r.{t.p} = v.pk::{t.pk_type} AND r.{t.k} = v.cur::{t.key_type}
+    RETURNING r.{t.p} AS pk, v.cur, v.restore
+)
+INSERT INTO {t.state.changes} (run_id, pk, old_value, new_value)
+SELECT $4, u.pk::text, u.cur, u.restore FROM u"""
+
+    @cached_property
+    def any_restorable(self) -> str:
+        t = self.target
+        return f"""SELECT EXISTS (
+    SELECT 1 FROM {t.state.changes} c JOIN {t.table} r ON r.{t.p} = c.pk::{t.pk_type}
+    WHERE c.run_id = $1 AND r.{t.k} = c.new_value::{t.key_type})"""

@@ -15,6 +15,7 @@ import asyncpg
 import structlog
 
 from . import sql
+from .batching import BatchSizer
 from .catalog import Target
 from .db import Conn
 from .errors import from_driver
@@ -135,7 +136,7 @@ class Worker:
         queries: sql.TargetSql,
         run_id: str,
         apply: bool,
-        batch_size: int,
+        sizer: BatchSizer,
         template: str,
         lock_timeout: float,
         statement_timeout: float,
@@ -150,7 +151,7 @@ class Worker:
         self.q = queries
         self.run_id = run_id
         self.apply = apply
-        self.batch_size = batch_size
+        self.sizer = sizer
         self.template = template
         self.timeouts = (f"{int(lock_timeout * 1000)}ms", f"{int(statement_timeout * 1000)}ms")
         self.max_retries = max_retries
@@ -160,11 +161,18 @@ class Worker:
         self.sample_size = sample_size
 
     async def handle(self, item: WorkItem) -> None:
-        """Work off every group of the item (several transactions for oversized groups)."""
+        """Work off every group of the item, in transactions of at most the sizer's current
+        size (a group larger than that takes several)."""
         counts = {g.key: g.count for g in item.groups}
         pending = [g.key for g in item.groups]
         while pending:
-            pending = await self._with_retries(pending, counts)
+            budget = self.sizer.size
+            take, rows = 0, 0
+            while take < len(pending) and (take == 0 or rows + counts[pending[take]] - 1 <= budget):
+                rows += counts[pending[take]] - 1
+                take += 1
+            leftover = await self._with_retries(pending[:take], counts)
+            pending = leftover + pending[take:]
 
     async def _with_retries(self, keys: list[str], counts: dict[str, int]) -> list[str]:
         attempt = 0
@@ -182,6 +190,7 @@ class Worker:
                 raise from_driver(exc, what="batch transaction") from exc
             attempt += 1
             self.stats.retries += 1
+            self.sizer.failed()
             if attempt > self.max_retries:
                 if len(keys) > 1:
                     # One hot key must not sink the whole batch: go group by group.
@@ -208,8 +217,11 @@ class Worker:
 
     async def _once(self, keys: list[str], counts: dict[str, int]) -> list[str]:
         started = anyio.current_time()
-        result = await self._transaction(keys)
-        self.stats.batch_seconds.append(anyio.current_time() - started)
+        result = await self._transaction(keys, self.sizer.size)
+        seconds = anyio.current_time() - started
+        self.sizer.observe(len(result.renames), seconds)
+        self.stats.batch_seconds.append(seconds)
+        self.stats.batch_size = self.sizer.size
         self.stats.batches += 1
         self.stats.renamed += len(result.renames)
         for key in result.no_longer_duplicate:
@@ -230,15 +242,17 @@ class Worker:
             self.sample.extend(result.renames[: self.sample_size - len(self.sample)])
         return result.leftover
 
-    async def _transaction(self, keys: list[str]) -> TxResult:
-        budget = self.batch_size if self.apply else 1 << 62
+    async def _transaction(self, keys: list[str], size: int) -> TxResult:
+        budget = size if self.apply else 1 << 62
         async with self.pool.acquire() as conn, conn.transaction(readonly=not self.apply):
             await conn.fetch(sql.SET_BATCH_TIMEOUTS, *self.timeouts)
             if self.apply:
                 await conn.fetch(self.q.lock_keys, keys, self.target.lock_prefix)
-                rows = await conn.fetch(self.q.read_groups_for_update, keys)
-            else:
-                rows = await conn.fetch(self.q.read_groups, keys)
+            # Read, not FOR UPDATE: the UPDATE below locks each row it renames and re-checks
+            # that it still holds the old value (else the batch rolls back and retries). Locking
+            # the survivors too would write and WAL-log (full-page image) heap pages that this
+            # tool never changes: about one more page per group.
+            rows = await conn.fetch(self.q.read_groups, keys)
             plans, single = plan_groups([Row(r["pk"], r["k"]) for r in rows], budget)
             seen = {p.key for p in plans} | set(single)
             gone = [k for k in keys if k not in seen]  # no row holds the key any more
@@ -253,7 +267,7 @@ class Worker:
                 )
                 if int(status.split()[-1]) != len(renames):
                     raise StaleBatch(f"expected {len(renames)} renames, wrote {status}")
-        leftover = [p.key for p in plans if p.rest > 0 and p.losers] if self.apply else []
+        leftover = [p.key for p in plans if p.rest > 0] if self.apply else []
         return TxResult(renames, single + gone, unplaceable, leftover)
 
     async def _assign(self, conn: Conn, plans: list[GroupPlan]) -> tuple[list[Rename], list[Row]]:

@@ -1,0 +1,56 @@
+"""Pure batch sizing: how many rows the next transaction may change so it takes about the
+target time (pt-online-schema-change's --chunk-time, GitLab's batched migrations)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROWTH = 1.2  # at most x1.2 a step: growth is gradual...
+SMOOTHING = 0.3  # weight of the newest observation in the moving average
+
+
+@dataclass
+class BatchSizer:
+    """...shrinking is immediate: a slow batch or a failure cuts the next one at once.
+
+    With `target` None the size stays at `maximum` (fixed batches).
+    """
+
+    target: float | None
+    minimum: int
+    maximum: int
+    size: int = 0
+    seconds_per_row: float | None = None
+
+    def __post_init__(self) -> None:
+        self.minimum = max(1, min(self.minimum, self.maximum))
+        if self.target is None:
+            self.size = self.maximum
+        elif not self.size:
+            # start small and earn the ceiling: the first batches also warm caches
+            self.size = max(self.minimum, min(self.maximum, 100))
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A batch that changed `rows` rows committed after `seconds`."""
+        if self.target is None or rows <= 0 or seconds <= 0:
+            return
+        rate = seconds / rows
+        if self.seconds_per_row is None:
+            self.seconds_per_row = rate
+        else:
+            self.seconds_per_row = SMOOTHING * rate + (1 - SMOOTHING) * self.seconds_per_row
+        ideal = self.target / self.seconds_per_row
+        if seconds > self.target:
+            # too slow: size for the observed rate at once, not for the average
+            ideal = min(ideal, self.target / rate)
+            self.size = self._clamp(min(ideal, self.size))
+        else:
+            self.size = self._clamp(min(ideal, self.size * GROWTH))
+
+    def failed(self) -> None:
+        """A batch timed out, deadlocked or lost its connection: halve the next one."""
+        if self.target is not None:
+            self.size = self._clamp(self.size / 2)
+
+    def _clamp(self, value: float) -> int:
+        return max(self.minimum, min(self.maximum, int(value)))
