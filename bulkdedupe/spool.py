@@ -86,6 +86,7 @@ class Spool(Generic[T]):
             elif self._on_disk:
                 item = self._read_one()
             elif self._closed:
+                self._release()
                 return None
             else:
                 await self._changed.wait()
@@ -103,7 +104,10 @@ class Spool(Generic[T]):
         self._mem.clear()
         self._on_disk = 0
         self._closed = True
+        self._release()
+        self._notify()
+
+    def _release(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-        self._notify()

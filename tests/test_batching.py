@@ -1,0 +1,67 @@
+"""Adaptive batch sizing (pure): stays in bounds, shrinks at once, grows gradually."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bulkdedupe.batching import GROWTH, BatchSizer
+
+observations = st.lists(
+    st.tuples(st.integers(min_value=1, max_value=10_000), st.floats(min_value=1e-4, max_value=30)),
+    max_size=50,
+)
+
+
+@given(
+    target=st.floats(min_value=0.01, max_value=5),
+    lo=st.integers(min_value=1, max_value=500),
+    hi=st.integers(min_value=1, max_value=10_000),
+    obs=observations,
+    failures=st.lists(st.booleans(), max_size=50),
+)
+def test_size_stays_within_bounds_and_growth_is_gradual(
+    target: float, lo: int, hi: int, obs: list[tuple[int, float]], failures: list[bool]
+) -> None:
+    sizer = BatchSizer(target=target, minimum=lo, maximum=hi)
+    floor = min(lo, hi)
+    for i, (rows, seconds) in enumerate(obs):
+        before = sizer.size
+        if i < len(failures) and failures[i]:
+            sizer.failed()
+            assert sizer.size <= max(before, floor)
+        else:
+            sizer.observe(rows, seconds)
+            assert sizer.size <= max(floor, int(before * GROWTH))
+            if seconds > target:
+                assert sizer.size <= max(before, floor)  # a slow batch never grows the next
+        assert floor <= sizer.size <= hi
+
+
+def test_slow_batch_shrinks_the_next_one_at_once() -> None:
+    sizer = BatchSizer(target=0.25, minimum=10, maximum=1000, size=1000)
+    sizer.observe(1000, 1.0)  # 4x too slow
+    assert sizer.size <= 250
+
+
+def test_fast_batches_grow_to_the_ceiling_gradually() -> None:
+    sizer = BatchSizer(target=0.25, minimum=10, maximum=1000)
+    sizes = [sizer.size]
+    for _ in range(30):
+        sizer.observe(sizer.size, sizer.size * 0.0001)  # 0.1 ms a row: ceiling is the limit
+        sizes.append(sizer.size)
+    assert sizes[0] == 100
+    assert sizes[-1] == 1000
+    assert all(b <= int(a * GROWTH) for a, b in itertools.pairwise(sizes))
+
+
+def test_failure_halves_and_fixed_mode_never_changes() -> None:
+    sizer = BatchSizer(target=0.25, minimum=10, maximum=1000, size=800)
+    sizer.failed()
+    assert sizer.size == 400
+    fixed = BatchSizer(target=None, minimum=10, maximum=500)
+    fixed.observe(500, 100.0)
+    fixed.failed()
+    assert fixed.size == 500
