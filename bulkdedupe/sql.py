@@ -6,6 +6,7 @@ parameters. Type names come from the catalog's ``format_type()``, which quotes t
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -89,7 +90,8 @@ ORDER BY i.indnatts, ic.relname
 
 PRIVILEGES = """
 SELECT has_table_privilege($1::oid, 'SELECT') AS can_select,
-       has_column_privilege($1::oid, $2::name, 'UPDATE') AS can_update_key
+       has_column_privilege($1::oid, $2::name, 'UPDATE') AS can_update_key,
+       current_user AS role
 """
 
 HISTOGRAM_BOUNDS = """
@@ -125,6 +127,10 @@ class StateSql:
         return qualify(self.schema, "changes")
 
     @cached_property
+    def control(self) -> str:
+        return qualify(self.schema, "control")
+
+    @cached_property
     def create(self) -> list[str]:
         s = quote_ident(self.schema)
         return [
@@ -147,16 +153,39 @@ class StateSql:
                 checkpoint   jsonb,
                 summary      jsonb
             )""",
+            # One index, (run_id, id), serves both the primary key and a run's report: each
+            # audit row costs one index insert, not two.
             f"""CREATE TABLE IF NOT EXISTS {self.changes} (
-                id          bigserial PRIMARY KEY,
+                id          bigserial,
                 run_id      text NOT NULL,
                 pk          text NOT NULL,
                 old_value   text NOT NULL,
                 new_value   text NOT NULL,
-                changed_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+                changed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+                CONSTRAINT changes_run_id_idx PRIMARY KEY (run_id, id)
             )""",
-            f"CREATE INDEX IF NOT EXISTS changes_run_id_idx ON {self.changes} (run_id, id)",
+            # Live control of a running run (pause/resume/stop/set from another terminal):
+            # `version` counts requests, `applied_version` is the last one the process obeyed.
+            f"""CREATE TABLE IF NOT EXISTS {self.control} (
+                run_id          text PRIMARY KEY,
+                command         text NOT NULL DEFAULT 'run',
+                settings        jsonb NOT NULL DEFAULT '{{}}',
+                version         bigint NOT NULL DEFAULT 0,
+                applied_version bigint NOT NULL DEFAULT 0,
+                updated_at      timestamptz NOT NULL DEFAULT now(),
+                applied_at      timestamptz
+            )""",
         ]
+
+    @cached_property
+    def objects(self) -> list[tuple[str, list[StateObject]]]:
+        """Each statement of `create` with what it creates (see :func:`state_objects`)."""
+        return state_objects(self.schema, self.create)
+
+    @cached_property
+    def tables(self) -> list[StateObject]:
+        """The tables `create` makes, in order."""
+        return [o for _, objs in self.objects for o in objs if o.kind == "table"]
 
     @cached_property
     def exists(self) -> str:
@@ -206,6 +235,130 @@ class StateSql:
 # to execute the same run and a crashed run (lock released with its connection) can resume.
 RUN_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('bulkdedupe.run:' || $1, 0))"
 RUN_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('bulkdedupe.run:' || $1, 0))"
+
+# Whether a live process holds the run lock above, without taking it: a bigint advisory key
+# shows in pg_locks as classid = its high 32 bits, objid = its low 32 bits, objsubid = 1.
+RUN_ALIVE = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks l, (SELECT hashtextextended('bulkdedupe.run:' || $1, 0) AS h) k
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid::bigint = (k.h >> 32) & 4294967295 AND l.objid::bigint = k.h & 4294967295
+)"""
+
+
+@dataclass(frozen=True)
+class ControlSql:
+    """Queries on `<state-schema>.control`: operators write requests, the run obeys them."""
+
+    state: StateSql
+
+    @cached_property
+    def exists(self) -> str:
+        return "SELECT to_regclass($1) IS NOT NULL"
+
+    @cached_property
+    def reset(self) -> str:
+        # A (re)started process obeys its command line: what earlier requests asked is done.
+        return f"""INSERT INTO {self.state.control} AS c (run_id) VALUES ($1)
+            ON CONFLICT (run_id) DO UPDATE SET command = 'run', settings = '{{}}',
+                applied_version = c.version, applied_at = now(), updated_at = now()
+            RETURNING version"""
+
+    @cached_property
+    def get(self) -> str:
+        return f"""SELECT command, settings, version, applied_version
+            FROM {self.state.control} WHERE run_id = $1"""
+
+    @cached_property
+    def ack(self) -> str:
+        return f"""UPDATE {self.state.control} SET applied_version = greatest(applied_version, $2),
+            applied_at = now() WHERE run_id = $1"""
+
+    @cached_property
+    def request(self) -> str:
+        # $2: a command (pause/resume/stop) or NULL; $3: settings merged into the current ones.
+        return f"""INSERT INTO {self.state.control} AS c (run_id, command, settings, version)
+            VALUES ($1, coalesce($2, 'run'), coalesce($3::jsonb, '{{}}'), 1)
+            ON CONFLICT (run_id) DO UPDATE SET command = coalesce($2, c.command),
+                settings = c.settings || coalesce($3::jsonb, '{{}}'),
+                version = c.version + 1, updated_at = now()
+            RETURNING version"""
+
+
+# --- health signals watched by the throttle (monitor.py; the README explains each) ----------
+
+# Without pg_read_all_stats (or superuser) pg_stat_activity and pg_stat_replication hide other
+# roles' sessions' state: the guardrails that read them would see nothing and never pause.
+HEALTH_STATS_VISIBLE = "SELECT pg_has_role('pg_read_all_stats', 'USAGE')"
+
+# On the primary, one row per walsender. replay_lag is NULL once a standby has caught up and
+# no WAL flows (not lag); `hidden` says the role may not see the columns.
+HEALTH_REPLICATION = """
+SELECT coalesce(nullif(application_name, ''), 'standby') || '@'
+           || coalesce(host(client_addr), 'local') || ':' || pid AS name,
+       state IS NULL AS hidden,
+       extract(epoch FROM replay_lag)::float8 AS lag
+FROM pg_stat_replication
+"""
+
+# On a standby (--replica-url). now() - pg_last_xact_replay_timestamp() grows on an idle
+# primary although nothing is behind: a standby that has replayed all it received is caught up.
+HEALTH_REPLICA = """
+SELECT pg_is_in_recovery() AS in_recovery,
+       coalesce(pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn(), false) AS caught_up,
+       extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS lag
+"""
+
+# Sessions waiting for a lock (not granted) while they hold or want a lock on the table: a
+# relation-level wait on the table itself, or a row-lock wait (shown as a wait on the holder's
+# transaction id) by a session working on the table. pg_locks needs no privilege. $1 table
+# oid, $2 our application_name (our own workers' waits end at their lock_timeout).
+HEALTH_LOCK_WAITERS = """
+SELECT count(DISTINCT w.pid)::int
+FROM pg_locks w
+WHERE NOT w.granted AND w.pid <> pg_backend_pid()
+  AND EXISTS (
+      SELECT 1 FROM pg_locks t
+      WHERE t.pid = w.pid AND t.relation = $1 AND t.locktype IN ('relation', 'tuple')
+        AND t.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+  AND NOT EXISTS (
+      SELECT 1 FROM pg_stat_activity a WHERE a.pid = w.pid AND a.application_name = $2)
+"""
+
+# Client backends running a statement right now, server-wide (pt-online-schema-change's
+# Threads_running), ours excluded. $1 our application_name.
+HEALTH_ACTIVE_BACKENDS = """
+SELECT count(*)::int FROM pg_stat_activity
+WHERE backend_type = 'client backend' AND state IN ('active', 'fastpath function call')
+  AND pid <> pg_backend_pid() AND application_name IS DISTINCT FROM $1
+"""
+
+# The WAL position in bytes (sampled: the rate is the difference over time).
+HEALTH_WAL_POSITION = """
+SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn()
+        END - '0/0'::pg_lsn)::bigint
+"""
+
+# The archiver: the last segment archived and the one being written (the backlog is between).
+HEALTH_ARCHIVER = """
+SELECT current_setting('archive_mode') AS archive_mode,
+       a.last_archived_wal, a.failed_count,
+       CASE WHEN NOT pg_is_in_recovery() THEN pg_walfile_name(pg_current_wal_lsn()) END
+           AS current_wal,
+       (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size') AS segment_size
+FROM pg_stat_archiver a
+"""
+
+# An autovacuum worker (not a manual VACUUM) vacuuming the table now. $1 table oid.
+HEALTH_AUTOVACUUM = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_stat_progress_vacuum v JOIN pg_stat_activity a ON a.pid = v.pid
+    WHERE v.relid = $1 AND v.datname = current_database()
+      AND a.backend_type = 'autovacuum worker'
+)"""
+
+SET_LOCAL_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, true)"
 
 
 # --- the target table ----------------------------------------------------------------------
@@ -462,3 +615,163 @@ SELECT $4, u.pk::text, u.cur, u.restore FROM u"""
         return f"""SELECT EXISTS (
     SELECT 1 FROM {t.state.changes} c JOIN {t.table} r ON r.{t.p} = c.pk::{t.pk_type}
     WHERE c.run_id = $1 AND r.{t.k} = c.new_value::{t.key_type})"""
+
+
+# --- privileges: what the role may do, and the GRANTs a DBA runs ----------------------------
+
+_IDENT = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+_QUALIFIED = rf"({_IDENT})(?:\.({_IDENT}))?"
+_CREATE_SCHEMA = re.compile(rf"\s*CREATE\s+SCHEMA\s+(?:IF\s+NOT\s+EXISTS\s+)?({_IDENT})\s*", re.I)
+_CREATE_TABLE = re.compile(
+    rf"\s*CREATE\s+(?:UNLOGGED\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?{_QUALIFIED}\s*\((.*)\)",
+    re.I | re.S,
+)
+_CREATE_INDEX = re.compile(
+    rf"\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+(?:CONCURRENTLY\s+)?(?:IF\s+NOT\s+EXISTS\s+)?({_IDENT})"
+    rf"\s+ON\s+(?:ONLY\s+)?{_QUALIFIED}",
+    re.I,
+)
+_ALTER_TABLE = re.compile(
+    rf"\s*ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?{_QUALIFIED}\s+(.*)", re.I | re.S
+)
+_ADD_COLUMN = re.compile(rf"ADD\s+(?:COLUMN\s+)?IF\s+NOT\s+EXISTS\s+({_IDENT})", re.I)
+_SERIAL_COLUMN = re.compile(rf"(?:^|,)\s*({_IDENT})\s+(?:small|big)?serial[248]?\b", re.I)
+
+
+def _unquote(ident: str) -> str:
+    if ident.startswith('"'):
+        return ident[1:-1].replace('""', '"')
+    return ident.lower()
+
+
+def _relation(first: str, second: str | None, default_schema: str) -> tuple[str, str]:
+    return (_unquote(first), _unquote(second)) if second else (default_schema, _unquote(first))
+
+
+@dataclass(frozen=True)
+class StateObject:
+    """What one statement of the state DDL creates, so the statement can be skipped when that
+    already exists: kind "schema", "table" or "index" (`schema`, `name`), "column" (`name` the
+    table, `column`), or "statement" for anything not understood (always treated as missing)."""
+
+    kind: Literal["schema", "table", "index", "column", "statement"]
+    schema: str
+    name: str
+    column: str | None = None
+    serial_columns: tuple[str, ...] = ()  # of a table: columns whose default is a sequence
+
+
+def state_objects(schema: str, ddl: list[str]) -> list[tuple[str, list[StateObject]]]:
+    """Each statement of the state DDL with the objects it creates (derived from the DDL text,
+    so a table added to `StateSql.create` is covered by the privilege checks and GRANTs)."""
+    out: list[tuple[str, list[StateObject]]] = []
+    for stmt in ddl:
+        objs: list[StateObject]
+        if m := _CREATE_SCHEMA.fullmatch(stmt):
+            objs = [StateObject("schema", _unquote(m.group(1)), _unquote(m.group(1)))]
+        elif m := _CREATE_TABLE.fullmatch(stmt):
+            s, t = _relation(m.group(1), m.group(2), schema)
+            serial = tuple(_unquote(c) for c in _SERIAL_COLUMN.findall(m.group(3)))
+            objs = [StateObject("table", s, t, serial_columns=serial)]
+        elif m := _CREATE_INDEX.match(stmt):
+            s, _ = _relation(m.group(2), m.group(3), schema)
+            objs = [StateObject("index", s, _unquote(m.group(1)))]
+        elif (m := _ALTER_TABLE.fullmatch(stmt)) and (cols := _ADD_COLUMN.findall(m.group(3))):
+            s, t = _relation(m.group(1), m.group(2), schema)
+            objs = [StateObject("column", s, t, _unquote(c)) for c in cols]
+        else:
+            objs = [StateObject("statement", schema, stmt)]
+        out.append((stmt, objs))
+    return out
+
+
+def serial_sequence_name(table: str, column: str) -> str:
+    """The sequence PostgreSQL creates for a serial column of a new table (for names this short;
+    the privilege check itself asks the catalog)."""
+    return f"{table}_{column}_seq"
+
+
+STATE_ACCESS = """
+SELECT n.oid IS NOT NULL AS schema_exists,
+       coalesce(has_schema_privilege(n.oid, 'USAGE'), false) AS schema_usage,
+       coalesce(has_schema_privilege(n.oid, 'CREATE'), false) AS schema_create,
+       has_database_privilege(current_database(), 'CREATE') AS database_create,
+       current_user AS role, current_database() AS database
+FROM (SELECT) AS one LEFT JOIN pg_namespace n ON n.nspname = $1
+"""
+
+# Straight from the catalog, never to_regclass(): that raises without USAGE on the schema.
+# $1 schemas, $2 relation names (pairwise).
+STATE_RELATIONS = """
+SELECT r.schema, r.name, c.oid IS NOT NULL AS present,
+       coalesce(has_table_privilege(c.oid, 'SELECT'), false) AS can_select,
+       coalesce(has_table_privilege(c.oid, 'INSERT'), false) AS can_insert,
+       coalesce(has_table_privilege(c.oid, 'UPDATE'), false) AS can_update
+FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS r(schema, name, ord)
+LEFT JOIN pg_namespace n ON n.nspname = r.schema
+LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.name
+ORDER BY r.ord
+"""
+
+# $1 schemas, $2 tables, $3 columns (pairwise): which columns exist.
+STATE_COLUMNS = """
+SELECT r.schema, r.name, r.col, a.attnum IS NOT NULL AS present
+FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS r(schema, name, col, ord)
+LEFT JOIN pg_namespace n ON n.nspname = r.schema
+LEFT JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = r.name
+LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = r.col AND NOT a.attisdropped
+ORDER BY r.ord
+"""
+
+# The sequences behind serial columns of the given tables ($1 schemas, $2 names), with whether
+# the role may call nextval() on them. Identity columns need no privilege on their sequence.
+STATE_SEQUENCES = """
+SELECT sn.nspname AS schema, s.relname AS name,
+       has_sequence_privilege(s.oid, 'USAGE') AS can_use
+FROM unnest($1::text[], $2::text[]) AS r(schema, name)
+JOIN pg_namespace n ON n.nspname = r.schema
+JOIN pg_class t ON t.relnamespace = n.oid AND t.relname = r.name
+JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = t.oid
+                AND d.classid = 'pg_class'::regclass AND d.deptype = 'a'
+JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+JOIN pg_namespace sn ON sn.oid = s.relnamespace
+ORDER BY sn.nspname, s.relname
+"""
+
+# Ownership (directly or through a role the current one inherits; superusers own everything).
+TABLE_OWNER = """
+SELECT pg_has_role(c.relowner, 'USAGE') AS is_owner, pg_get_userbyid(c.relowner) AS owner,
+       current_user AS role
+FROM pg_class c WHERE c.oid = $1
+"""
+
+ROLE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)"
+
+STATE_DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('bulkdedupe.ddl', 0))"
+
+_TABLE_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
+
+
+def grant_schema(privileges: str, schema: str, role: str) -> str:
+    if privileges not in ("USAGE", "CREATE", "USAGE, CREATE"):
+        raise ValueError(f"not schema privileges: {privileges}")
+    return f"GRANT {privileges} ON SCHEMA {quote_ident(schema)} TO {quote_ident(role)}"
+
+
+def grant_table(privileges: tuple[str, ...], table: str, role: str) -> str:
+    """`table` already quoted (qualify() or the catalog's quoted name)."""
+    if not privileges or not set(privileges) <= _TABLE_PRIVILEGES:
+        raise ValueError(f"not table privileges: {privileges}")
+    return f"GRANT {', '.join(privileges)} ON TABLE {table} TO {quote_ident(role)}"
+
+
+def grant_column_update(table: str, column: str, role: str) -> str:
+    return f"GRANT UPDATE ({quote_ident(column)}) ON TABLE {table} TO {quote_ident(role)}"
+
+
+def grant_sequence_usage(schema: str, sequence: str, role: str) -> str:
+    return f"GRANT USAGE ON SEQUENCE {qualify(schema, sequence)} TO {quote_ident(role)}"
+
+
+def grant_create_on_database(database: str, role: str) -> str:
+    return f"GRANT CREATE ON DATABASE {quote_ident(database)} TO {quote_ident(role)}"
