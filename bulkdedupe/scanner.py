@@ -29,6 +29,10 @@ class Group:
     key: str
     count: int
 
+    def __reduce__(self) -> tuple[type[Group], tuple[str, int]]:
+        # spooled by the hundred thousand: the dataclass default pickles via fields(), slowly
+        return (Group, (self.key, self.count))
+
 
 @dataclass(frozen=True, slots=True)
 class KeyRange:

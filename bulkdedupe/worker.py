@@ -82,6 +82,10 @@ class WorkItem:
     groups: tuple[Group, ...]
     last_key: str | None
 
+    def __reduce__(self) -> tuple[type[WorkItem], tuple[int, int, tuple[Group, ...], str | None]]:
+        # spooled to disk: pickle as a plain tuple, not through dataclasses.fields()
+        return (WorkItem, (self.range_index, self.seq, self.groups, self.last_key))
+
     @property
     def expected_renames(self) -> int:
         return sum(g.count - 1 for g in self.groups)
