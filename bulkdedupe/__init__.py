@@ -22,11 +22,13 @@ from .errors import (
     UsageError,
 )
 from .pipeline import run, scan, verify
+from .privileges import init_script, init_state
 from .report import Report, list_runs, open_report
 from .results import (
     Change,
     EnforceAttempt,
     EnforceResult,
+    InitStateResult,
     RunInfo,
     RunsList,
     RunSummary,
@@ -46,6 +48,7 @@ __all__ = [
     "EnforceAttempt",
     "EnforceConfig",
     "EnforceResult",
+    "InitStateResult",
     "Name",
     "OrderItem",
     "PrivilegeError",
@@ -66,6 +69,8 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "enforce",
+    "init_script",
+    "init_state",
     "list_runs",
     "open_report",
     "run",

@@ -54,3 +54,10 @@ class BatchSizer:
 
     def _clamp(self, value: float) -> int:
         return max(self.minimum, min(self.maximum, int(value)))
+
+
+def lock_ceiling(lock_slots: int, concurrency: int) -> int:
+    """The most renames one batch may do so that all workers together hold at most half of
+    the server's lock table: a batch holds one advisory lock per group key and one per new
+    value, about two per rename, until it commits. The other half is the application's."""
+    return max(1, lock_slots // 2 // max(1, concurrency) // 2)

@@ -22,6 +22,7 @@ class ServerInfo:
     in_recovery: bool
     role: str
     database: str
+    lock_slots: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +81,7 @@ async def server_info(conn: Conn) -> ServerInfo:
         in_recovery=row["in_recovery"],
         role=row["role"],
         database=row["database"],
+        lock_slots=row["lock_slots"],
     )
 
 
@@ -173,16 +175,33 @@ async def resolve(conn: Conn, cfg: ConnectConfig, keep: tuple[OrderItem, ...] = 
 
 
 async def check_privileges(conn: Conn, target: Target, *, write: bool) -> None:
+    """SELECT on the table; with `write`, UPDATE on the key column (a column privilege is
+    enough: nothing else is ever written). Raises PrivilegeError naming the GRANT."""
     row = await conn.fetchrow(sql.PRIVILEGES, target.oid, target.key)
     assert row is not None
+    role = row["role"]
     if not row["can_select"]:
         raise PrivilegeError(
-            f"role lacks SELECT on {target.display}; GRANT SELECT ON {target.qualified} TO <role>"
+            f"role {role} lacks SELECT on {target.display}; as the table's owner run: "
+            f"{sql.grant_table(('SELECT',), target.qualified, role)}"
         )
     if write and not row["can_update_key"]:
         raise PrivilegeError(
-            f"role lacks UPDATE on {target.display}.{target.key}; "
-            f"GRANT UPDATE ({sql.quote_ident(target.key)}) ON {target.qualified} TO <role>"
+            f"role {role} lacks UPDATE ({target.key}) on {target.display} (renames write the "
+            f"key column only); as the table's owner run: "
+            f"{sql.grant_column_update(target.qualified, target.key, role)}"
+        )
+
+
+async def check_owner(conn: Conn, target: Target, *, why: str) -> None:
+    """CREATE INDEX and ALTER TABLE need ownership of the table, which no GRANT gives."""
+    row = await conn.fetchrow(sql.TABLE_OWNER, target.oid)
+    assert row is not None
+    if not row["is_owner"]:
+        raise PrivilegeError(
+            f"role {row['role']} does not own {target.display} and {why}, which only its "
+            f"owner may do (no GRANT allows it); run it as {row['owner']}, the owner, or as a "
+            "role that is a member of it"
         )
 
 

@@ -17,7 +17,7 @@ import anyio
 import click
 import structlog
 
-from . import __version__, logs, pipeline
+from . import __version__, control, logs, pipeline, privileges
 from .config import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -40,10 +40,13 @@ from .config import (
     EnforceConfig,
     RunConfig,
     ScanConfig,
+    ThrottleConfig,
     UndoConfig,
+    libpq_env_configured,
     parse_column,
     parse_duration,
     parse_keep,
+    parse_role,
     parse_table,
 )
 from .enforce import enforce as enforce_unique
@@ -90,8 +93,10 @@ def connection_options(f: F) -> F:
             "-d",
             "--database-url",
             envvar="DATABASE_URL",
-            required=True,
-            help="PostgreSQL URL (env DATABASE_URL); ?host=/socket/dir works.",
+            default=None,
+            help="PostgreSQL URL (env DATABASE_URL); ?host=/socket/dir works. Optional when "
+            "libpq's PGHOST/PGPORT/PGUSER/PGDATABASE/PGSERVICE are set; '' takes everything "
+            "from them. Passwords: in the URL, PGPASSWORD or ~/.pgpass (PGPASSFILE).",
         ),
         click.option(
             "--table",
@@ -157,9 +162,106 @@ def scan_options(f: F) -> F:
     )(f)
 
 
-def make_connect(kw: dict[str, Any]) -> ConnectConfig:
+def throttle_options(f: F) -> F:
+    """The guardrails of `run` (all off by default; see docs/production.md)."""
+    opts = [
+        click.option(
+            "--max-rate",
+            type=float,
+            default=None,
+            help="Most rows renamed per second, all workers together.",
+        ),
+        click.option(
+            "--sleep",
+            type=DURATION,
+            default=0.0,
+            help="Pause of each worker between two of its batches (e.g. 100ms).",
+        ),
+        click.option(
+            "--max-replication-lag",
+            type=DURATION,
+            default=None,
+            help="Pause while a standby replays more than this behind (pg_stat_replication).",
+        ),
+        click.option(
+            "--replica-url",
+            "replica_urls",
+            multiple=True,
+            help="Ask this standby for its lag instead (repeatable).",
+        ),
+        click.option(
+            "--max-lock-waiters",
+            type=int,
+            default=None,
+            help="Pause while more sessions than this wait on locks on the table.",
+        ),
+        click.option(
+            "--max-active-backends",
+            type=int,
+            default=None,
+            help="Pause while more backends than this run a statement (ours excluded).",
+        ),
+        click.option(
+            "--max-wal-rate",
+            type=float,
+            default=None,
+            help="Pause while WAL is written faster than this many MiB/s, or piles up unarchived.",
+        ),
+        click.option(
+            "--pause-during-autovacuum",
+            is_flag=True,
+            help="Pause while autovacuum works on the table (can be hours on a big table).",
+        ),
+        click.option(
+            "--throttle-query",
+            default=None,
+            help="Your own check: pause while it returns true (run read-only, 2s timeout).",
+        ),
+        click.option(
+            "--critical-active-backends",
+            type=int,
+            default=None,
+            help="Stop the run (resumable, exit 130) when more backends than this are active.",
+        ),
+        click.option(
+            "--max-runtime",
+            type=DURATION,
+            default=None,
+            help="Stop the run (resumable, exit 130) after this long (e.g. 8h).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_throttle(kw: dict[str, Any]) -> ThrottleConfig:
+    return ThrottleConfig(
+        max_rate=kw.pop("max_rate"),
+        sleep=kw.pop("sleep"),
+        max_replication_lag=kw.pop("max_replication_lag"),
+        replica_urls=tuple(kw.pop("replica_urls")),
+        max_lock_waiters=kw.pop("max_lock_waiters"),
+        max_active_backends=kw.pop("max_active_backends"),
+        max_wal_rate=kw.pop("max_wal_rate"),
+        pause_during_autovacuum=kw.pop("pause_during_autovacuum"),
+        throttle_query=kw.pop("throttle_query"),
+        critical_active_backends=kw.pop("critical_active_backends"),
+        max_runtime=kw.pop("max_runtime"),
+    )
+
+
+def make_connect(kw: dict[str, Any], *, need_url: bool = True) -> ConnectConfig:
+    url = kw.pop("database_url")
+    if url is None:
+        if need_url and not libpq_env_configured():
+            raise UsageError(
+                "no database given: pass -d/--database-url URL or set DATABASE_URL, or set "
+                "libpq's PGHOST (PGPORT, PGUSER, PGDATABASE, PGSERVICE)"
+            )
+        url = ""  # everything from libpq's environment, as psql would
     return ConnectConfig(
-        database_url=kw.pop("database_url"),
+        database_url=url,
         table=parse_table(kw.pop("table")),
         key=parse_column(kw.pop("key"), "--key"),
         pk=parse_column(pk, "--pk") if (pk := kw.pop("pk")) else None,
@@ -370,6 +472,7 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
 @click.option(
     "--keep-scan-index", is_flag=True, help="Keep the index built by --create-scan-index."
 )
+@throttle_options
 @scan_options
 @format_option
 @handle_errors
@@ -416,6 +519,7 @@ def run(
         max_retries=max_retries,
         create_scan_index=create_scan_index,
         keep_scan_index=keep_scan_index,
+        throttle=make_throttle(kw),
         scan=ScanConfig(
             page_size=scan_page_size, scanners=scanners, statement_timeout=statement_timeout
         ),
@@ -610,6 +714,32 @@ def runs(limit: int, fmt: str, **kw: Any) -> int:
     return EXIT_OK
 
 
+@main.command("init-state")
+@connection_options
+@click.option(
+    "--print-sql",
+    is_flag=True,
+    help="Print the SQL instead of running it (no connection): for a DBA to run.",
+)
+@click.option(
+    "--role",
+    default=None,
+    help="Also GRANT this (login) role what run --apply and undo --apply need, no more.",
+)
+@format_option
+@handle_errors
+def init_state(print_sql: bool, role: str | None, fmt: str, **kw: Any) -> int:
+    """Create the state schema (runs, audit trail, control) as a privileged role, and with
+    --role grant a least-privileged role what it needs; --print-sql prints that SQL instead."""
+    cfg = make_connect(kw, need_url=not print_sql)
+    grantee = parse_role(role) if role is not None else None
+    if print_sql:
+        click.echo(privileges.init_script(cfg, role=grantee), nl=False)
+        return EXIT_OK
+    emit(run_async(lambda: privileges.init_state(cfg, role=grantee)), fmt)
+    return EXIT_OK
+
+
 _REPORT_FIELDS = ("id", "pk", "old_value", "new_value", "changed_at")
 
 
@@ -666,6 +796,110 @@ def report(run_id: str, fmt: str, **kw: Any) -> int:
     except BrokenPipeError:
         # `report ... | head`: the reader has what it wanted; do not die with a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_OK
+
+
+# --- live control: status, pause, resume, stop, set ----------------------------------------
+
+
+class Knob(click.ParamType):  # type: ignore[type-arg]  # generic only in stubs
+    """A `set` value: a number (or a duration), or "off" to lift a limit."""
+
+    name = "value"
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind  # "int", "float" or "duration"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int | float | None:
+        opt = f"--{param.name.replace('_', '-')}" if param and param.name else "value"
+        text = str(value).strip().lower()
+        if text in ("off", "none"):
+            return None
+        try:
+            if self.kind == "duration":
+                return 0.0 if text in ("0", "0s") else parse_duration(text, opt)
+            return int(text) if self.kind == "int" else float(text)
+        except (UsageError, ValueError):
+            self.fail(f"{opt} {value!r}: expected a {self.kind} or off", param, ctx)
+
+
+def run_id_option(required: bool) -> Callable[[F], F]:
+    return click.option(
+        "--run-id",
+        required=required,
+        help="The run (see `bulkdedupe runs`)" + ("." if required else " [default: the newest]."),
+    )
+
+
+@main.command()
+@connection_options
+@run_id_option(required=False)
+@format_option
+@handle_errors
+def status(run_id: str | None, fmt: str, **kw: Any) -> int:
+    """Progress of a running or finished run: rows scanned and renamed, rate, ETA, batch size,
+    and whether and why it is throttled or paused. Read-only."""
+    cfg = make_connect(kw)
+    emit(run_async(lambda: control.status(cfg, run_id)), fmt)
+    return EXIT_OK
+
+
+def _control_command(verb: str, doc: str) -> None:
+    @connection_options
+    @run_id_option(required=True)
+    @format_option
+    @handle_errors
+    def command(run_id: str, fmt: str, **kw: Any) -> int:
+        cfg = make_connect(kw)
+        emit(run_async(lambda: control.request(cfg, run_id, verb=verb)), fmt)
+        return EXIT_OK
+
+    command.__doc__ = doc
+    main.command(verb)(command)
+
+
+_control_command(
+    "pause", "Pause a running run (its process stays, holding no locks); `resume` goes on."
+)
+_control_command("resume", "Let a paused run go on.")
+_control_command(
+    "stop",
+    "Stop a running run gracefully: in-flight batches finish, the checkpoint is saved, the "
+    "process exits 130; resume with `run --apply --run-id ID`.",
+)
+
+
+@main.command("set")
+@connection_options
+@run_id_option(required=True)
+@click.option("--batch-size", type=Knob("int"), help="New batch ceiling (rows).")
+@click.option("--concurrency", type=Knob("int"), help="Worker connections (1-64).")
+@click.option("--concurrency-while-scanning", type=Knob("int"), help="Workers while the scan runs.")
+@click.option("--max-rate", type=Knob("float"), help="Rows per second, or off.")
+@click.option("--sleep", type=Knob("duration"), help="Between batches per worker, or 0.")
+@click.option("--max-lock-waiters", type=Knob("int"), help="N, or off.")
+@click.option("--max-active-backends", type=Knob("int"), help="N, or off.")
+@click.option("--max-replication-lag", type=Knob("duration"), help="Seconds, or off.")
+@click.option("--max-wal-rate", type=Knob("float"), help="MiB/s, or off.")
+@format_option
+@handle_errors
+def set_(run_id: str, fmt: str, **kw: Any) -> int:
+    """Change knobs of a running run without restarting it; it obeys within a second."""
+    cfg = make_connect(kw)
+    ctx = click.get_current_context()
+    settings = {
+        k: v
+        for k, v in kw.items()
+        if k in control.SETTABLE
+        and ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT
+    }
+    if "sleep" in settings and settings["sleep"] is None:
+        settings["sleep"] = 0.0  # "off" for a sleep is no sleep
+    if not settings:
+        raise UsageError("set: give at least one setting to change (see `bulkdedupe set --help`)")
+    emit(run_async(lambda: control.request(cfg, run_id, verb="set", settings=settings)), fmt)
     return EXIT_OK
 
 

@@ -3,6 +3,7 @@ identifiers, orderings, templates and durations given on the command line."""
 
 from __future__ import annotations
 
+import os
 import re
 import string
 from dataclasses import dataclass, field
@@ -107,6 +108,19 @@ def parse_column(text: str, what: str) -> str:
     return parts[0]
 
 
+# Role specifications GRANT treats as key words, and the reserved pg_ prefix: never a role to
+# hand bulkdedupe's privileges to.
+_NOT_A_ROLE = frozenset({"public", "none", "current_user", "current_role", "session_user"})
+
+
+def parse_role(text: str) -> str:
+    """`--role app_dedupe` (or `"App"`) -> the role name as stored in the catalog."""
+    role = parse_column(text, "--role")
+    if role in _NOT_A_ROLE or role.startswith("pg_"):
+        raise UsageError(f"--role {text!r}: name the login role bulkdedupe runs as, not {role}")
+    return role
+
+
 @dataclass(frozen=True, slots=True)
 class OrderItem:
     column: str
@@ -160,8 +174,47 @@ def parse_duration(text: str, what: str) -> float:
     return seconds
 
 
+# libpq's variables that say where to connect; any of them makes -d optional.
+LIBPQ_TARGET_ENV = ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
+_ENV_SHOWN = (
+    ("service", "PGSERVICE"),
+    ("host", "PGHOST"),
+    ("port", "PGPORT"),
+    ("user", "PGUSER"),
+    ("dbname", "PGDATABASE"),
+)  # never PGPASSWORD
+_URL_USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*):(?P<secret>[^@/]*)@")
+_URL_USERINFO_GREEDY = re.compile(
+    r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*):(?P<secret>[^?]*)@"
+)
+_KEYWORD_SECRET = re.compile(
+    r"(?P<head>\b(?:password|sslpassword)\s*=\s*)(?P<secret>'(?:[^'\\]|\\.)*'?|\S*)", re.I
+)
+
+
+def libpq_env_configured() -> bool:
+    """Whether libpq's environment names a server (so an empty database URL is meaningful)."""
+    return any(os.environ.get(v) for v in LIBPQ_TARGET_ENV)
+
+
+def describe_libpq_env() -> str:
+    """Where a connection that takes everything from the environment goes; no password."""
+    shown = [f"{k}={os.environ[v]}" for k, v in _ENV_SHOWN if os.environ.get(v)]
+    return f"libpq environment ({' '.join(shown) or 'defaults'})"
+
+
 def redact_dsn(dsn: str) -> str:
-    """The URL with its password replaced, safe to print and store."""
+    """The URL with its password replaced, safe to print and store. An empty URL (everything
+    from libpq's environment) is described by the PG* variables it uses, never PGPASSWORD."""
+    if not dsn.strip():
+        return describe_libpq_env()
+    if "://" not in dsn:
+        # Not a URL (key=value conninfo, or garbage): mask anything that looks like a password.
+        return _KEYWORD_SECRET.sub(r"\g<head>***", dsn)
+    # libpq ends the user info at the first '@' or '/', urllib at the last '@' of the authority
+    # and at '?' or '#': a password with unescaped specials is masked whichever way it is read.
+    dsn = _URL_USERINFO.sub(r"\g<head>:***@", dsn, count=1)
+    dsn = _URL_USERINFO_GREEDY.sub(r"\g<head>:***@", dsn, count=1)
     try:
         parts = urlsplit(dsn)
     except ValueError:
@@ -224,6 +277,61 @@ class ScanConfig:
             raise UsageError("--scanners must be at least 1")
 
 
+MAX_CONCURRENCY = 64  # worker connections: the hard cap, also for `set --concurrency`
+
+
+@dataclass(frozen=True, kw_only=True)
+class ThrottleConfig:
+    """Guardrails of `run`, all off by default. Limits are "more than": the run pauses while a
+    signal exceeds its limit and goes on when it no longer does (see throttle.decide)."""
+
+    max_rate: float | None = None  # renamed rows per second, all workers together
+    sleep: float = 0.0  # seconds each worker waits between two of its batches
+    max_replication_lag: float | None = None  # seconds
+    replica_urls: tuple[str, ...] = ()  # ask these standbys for their lag (else the primary)
+    max_lock_waiters: int | None = None  # sessions waiting on locks on the table
+    max_active_backends: int | None = None  # active client backends, ours excluded
+    max_wal_rate: float | None = None  # MiB of WAL per second (also: archiver backlog)
+    pause_during_autovacuum: bool = False
+    throttle_query: str | None = None  # pause while it returns true
+    critical_active_backends: int | None = None  # stop (resumable) instead of pausing
+    max_runtime: float | None = None  # seconds, then stop (resumable)
+
+    def __post_init__(self) -> None:
+        for name in ("max_rate", "max_replication_lag", "max_wal_rate", "max_runtime"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be greater than zero")
+        for name in ("max_lock_waiters", "max_active_backends", "critical_active_backends"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be 0 or more")
+        if self.sleep < 0:
+            raise UsageError(f"--sleep {self.sleep}: must be 0 or more")
+        if self.replica_urls and self.max_replication_lag is None:
+            raise UsageError("--replica-url needs --max-replication-lag (the lag to pause at)")
+        if self.throttle_query is not None and not self.throttle_query.strip():
+            raise UsageError("--throttle-query is empty; give a query returning one boolean")
+
+    def __repr__(self) -> str:  # replica URLs may carry passwords
+        shown = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "replica_urls"}
+        shown["replica_urls"] = tuple(redact_dsn(u) for u in self.replica_urls)
+        return "ThrottleConfig(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
+
+    @property
+    def watches_database(self) -> bool:
+        """Whether any guardrail needs to sample the server (max-rate/sleep/runtime do not)."""
+        return (
+            self.max_replication_lag is not None
+            or self.max_lock_waiters is not None
+            or self.max_active_backends is not None
+            or self.max_wal_rate is not None
+            or self.pause_during_autovacuum
+            or self.throttle_query is not None
+            or self.critical_active_backends is not None
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Options of `bulkdedupe run`."""
@@ -246,6 +354,7 @@ class RunConfig:
     scan: ScanConfig = field(default_factory=ScanConfig)
     progress_interval: float = 10.0
     spool_dir: str | None = None  # where the scan spills groups ahead of the workers
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

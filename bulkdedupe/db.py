@@ -17,6 +17,17 @@ POOL_CLOSE_TIMEOUT = 10.0
 # A connection of our own or one borrowed from the pool: the queries do not care which.
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
+# The session is gone or cannot be had (network, pg_terminate_backend, a server shutting down
+# or restarting): worth a new connection, but no use splitting the work that failed.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
+
 
 def _settings(statement_timeout: float | None) -> dict[str, str]:
     s = {"application_name": APPLICATION_NAME}
@@ -29,6 +40,11 @@ def _translate(exc: BaseException, cfg: ConnectConfig) -> Exception:
     where = f"connecting to {redact_dsn(cfg.database_url)}"
     if isinstance(exc, ValueError | asyncpg.ClientConfigurationError):
         # asyncpg echoes the DSN in some parse errors: never print it with a password.
+        if not cfg.database_url:
+            return UsageError(
+                f"no --database-url, and the {redact_dsn('')} does not describe a valid "
+                "connection; check PGHOST, PGPORT, PGUSER, PGDATABASE or pass -d URL"
+            )
         return UsageError(
             f"--database-url is not a valid PostgreSQL URL ({redact_dsn(cfg.database_url)})"
         )

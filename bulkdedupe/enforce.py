@@ -340,6 +340,7 @@ async def _resolve(conn: Conn, cfg: ConnectConfig) -> Target:
     info = await catalog.server_info(conn)
     target = await catalog.resolve(conn, cfg)
     await catalog.check_privileges(conn, target, write=True)
+    await catalog.check_owner(conn, target, why="enforce builds a unique index on it")
     catalog.check_writable(info)
     return target
 

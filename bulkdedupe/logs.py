@@ -5,10 +5,30 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error")
+
+
+class _DriverLogs(logging.Handler):
+    """asyncpg logs through the standard library, e.g. "Failed to restore the pool connection
+    floor; retrying" with a traceback while the server restarts: one line in our format
+    instead, the traceback only at debug."""
+
+    def __init__(self, *, tracebacks: bool) -> None:
+        super().__init__()
+        self.tracebacks = tracebacks
+
+    def emit(self, record: logging.LogRecord) -> None:
+        kw: dict[str, Any] = {"logger": record.name}
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            kw["error"] = f"{type(exc).__name__}: {exc}"
+            if self.tracebacks:
+                kw["exc_info"] = record.exc_info
+        structlog.get_logger().log(record.levelno, record.getMessage(), **kw)
 
 
 def configure(*, fmt: str | None = None, level: str = "info") -> None:
@@ -34,3 +54,7 @@ def configure(*, fmt: str | None = None, level: str = "info") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+    driver = logging.getLogger("asyncpg")
+    driver.handlers = [_DriverLogs(tracebacks=level == "debug")]
+    driver.propagate = False
+    driver.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)

@@ -4,6 +4,7 @@ by a bounded stream inside one task group, handles signals, and returns the summ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,15 +19,19 @@ import structlog
 from anyio.abc import ObjectReceiveStream
 
 from . import catalog, db, sql, state
-from .batching import BatchSizer
+from .batching import BatchSizer, lock_ceiling
 from .catalog import Target
-from .config import ConnectConfig, RunConfig, ScanConfig, redact_dsn
+from .config import MAX_CONCURRENCY, ConnectConfig, RunConfig, ScanConfig, redact_dsn
+from .control import Knobs, RunControl, live_snapshot
 from .db import Conn
-from .errors import BulkDedupeError, TargetError, UsageError, from_driver
+from .errors import BulkDedupeError, ConnectError, TargetError, UsageError, from_driver
+from .health import HealthSampler
+from .monitor import Monitor
 from .progress import Reporter, Stats, percentile
 from .results import RunSummary, ScanReport, VerifyResult
 from .scanner import Group, KeyRange, plan_ranges, scan_range
 from .spool import Spool
+from .throttle import Stopping, Throttle
 from .worker import PlanWriter, Rename, Worker, WorkItem
 
 log = structlog.get_logger(__name__)
@@ -95,9 +100,11 @@ async def _scan_groups(
     on_page: Callable[[int, list[Group], str | None], Awaitable[None]],
     on_range_done: Callable[[int, str | None], Awaitable[None]] | None = None,
     stop: anyio.Event | None = None,
+    pause: Callable[[], Awaitable[bool]] | None = None,
 ) -> None:
     """Run one scanner per key range concurrently; call on_page for each page and
-    on_range_done (with the range's last key) when a range has been read to its end."""
+    on_range_done (with the range's last key) when a range has been read to its end. `pause`
+    waits between pages while the run is paused (False: stopping)."""
     q = target.queries("unused")  # scan queries never touch the state schema
 
     async def one(rng: KeyRange) -> None:
@@ -110,6 +117,8 @@ async def _scan_groups(
                 return
             await on_page(rng.index, page.groups, page.last_key)
             last = page.last_key or last
+            if pause is not None and not await pause():
+                return
         if on_range_done is not None:
             await on_range_done(rng.index, last)
 
@@ -271,7 +280,11 @@ async def run(
     scan_cfg = run_cfg.scan
     plan_fh: IO[str] | None = None
     sample: list[Rename] = []
-    size = run_cfg.concurrency + scan_cfg.scanners + 1
+    # --apply can be told `set --concurrency N` while running: worker tasks (and pool room) up
+    # to the cap; the limiter keeps only N of them working, so only N connections are used.
+    workers = MAX_CONCURRENCY if apply else run_cfg.concurrency
+    size = workers + scan_cfg.scanners + 1
+    monitor: Monitor | None = None
     created_index: str | None = None
     status = "failed"
     run_id = run_cfg.run_id or state.new_run_id()
@@ -283,8 +296,24 @@ async def run(
         _errors("run"),
         db.connect(cfg) as control,
         db.pool(cfg, size=size, statement_timeout=scan_cfg.statement_timeout) as pool,
+        contextlib.AsyncExitStack() as resources,
     ):
         target = await _resolve(control, cfg, run_cfg.keep, write=apply)
+        ceiling = run_cfg.batch_size
+        if apply:
+            lock_cap = lock_ceiling(
+                (await catalog.server_info(control)).lock_slots, run_cfg.concurrency
+            )
+            if lock_cap < ceiling:
+                # "out of shared memory" mid-run would fail batches over and over: stay under
+                # it (shown as batch_ceiling in the "run started" line)
+                ceiling = lock_cap
+        throttle = Throttle(run_cfg.throttle, stats, stop)
+        sampler = HealthSampler(cfg, target.oid, run_cfg.throttle)
+        resources.push_async_callback(sampler.close)
+        if run_cfg.throttle.watches_database:
+            # a broken --throttle-query or --replica-url fails here, before anything changes
+            await sampler.check(control, run_cfg.throttle)
         if target.scan_index is None:
             if not run_cfg.create_scan_index:
                 raise _no_index_error(target)
@@ -306,6 +335,7 @@ async def run(
                 "template": run_cfg.template,
                 "lock_timeout": run_cfg.lock_timeout,
                 "statement_timeout": run_cfg.statement_timeout,
+                "throttle": _throttle_options(run_cfg),
             }
             run_id, resumed = await state.start_run(
                 control,
@@ -328,6 +358,8 @@ async def run(
             resumed=resumed is not None,
             ranges=len(ranges),
             batch_size=run_cfg.batch_size,
+            # lower than batch_size when the server's lock table is small (lock_ceiling)
+            batch_ceiling=ceiling,
             concurrency=run_cfg.concurrency,
         )
 
@@ -346,7 +378,7 @@ async def run(
             "sizer": BatchSizer(
                 target=run_cfg.target_batch_time,
                 minimum=run_cfg.min_batch_size,
-                maximum=run_cfg.batch_size,
+                maximum=ceiling,
             ),
             "template": run_cfg.template,
             "lock_timeout": run_cfg.lock_timeout,
@@ -374,9 +406,10 @@ async def run(
                     producer.on_page,
                     producer.finish_range,
                     stop,
+                    throttle.wait_open,
                 )
                 stats.scan_seconds = stats.elapsed()
-                limiter.total_tokens = run_cfg.concurrency
+                knobs.scan_finished()
                 log.info(
                     "scan finished",
                     seconds=round(stats.scan_seconds, 2),
@@ -400,15 +433,39 @@ async def run(
         limiter = anyio.CapacityLimiter(
             min(run_cfg.concurrency, run_cfg.concurrency_while_scanning)
         )
+        knobs = Knobs(
+            sizer=worker_kw["sizer"],
+            limiter=limiter,
+            throttle=throttle,
+            stats=stats,
+            concurrency=run_cfg.concurrency,
+            concurrency_while_scanning=run_cfg.concurrency_while_scanning,
+        )
+        run_control = RunControl(st, run_id, knobs) if apply else None
+        if run_control is not None:
+            await run_control.reset(control)
+        monitor = await resources.enter_async_context(
+            Monitor(cfg, throttle=throttle, stats=stats, sampler=sampler, control=run_control)
+        )
+        await monitor.tick()  # no batch before the health is known
 
         async def consume(items: ObjectReceiveStream[WorkItem]) -> None:
-            worker = Worker(**worker_kw)
+            worker = Worker(**worker_kw, before_batch=throttle.gate())
             async with items:
-                async for item in items:
-                    if stop.is_set():
-                        return
+                while not stop.is_set():
+                    # The limiter before an item: only as many workers as it allows hold work
+                    # (its size follows `set --concurrency` and the end of the scan).
                     async with limiter:
-                        await worker.handle(item)
+                        try:
+                            item = await items.receive()
+                        except anyio.EndOfStream:
+                            return
+                        if stop.is_set():
+                            return
+                        try:
+                            await worker.handle(item)
+                        except Stopping:
+                            return  # not checkpointed: a resume does the rest of the item
                     checkpoints.complete(item.range_index, item.seq, item.last_key)
 
         async def save_checkpoints() -> None:
@@ -426,8 +483,14 @@ async def run(
                         groups=stats.groups_done,
                         renamed=stats.renamed,
                         skipped=stats.skipped_rows,
-                        checkpoint=checkpoints.to_json(),
+                        checkpoint=checkpoints.to_json() | {"live": live_snapshot(stats, knobs)},
                     )
+                if control.is_closed():
+                    # The run lock went with that session (server restart, terminated backend):
+                    # another process may take the run now, so this one must not go on.
+                    log.error("lost the connection holding the run lock; stopping")
+                    stop.set()
+                    return
 
         async def watch_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -445,10 +508,12 @@ async def run(
             # has not passed it: a resume scans it again); in-flight batches finish.
             scope.cancel()
             spool.discard()
+            throttle.wake()  # workers waiting out a pause leave their items
 
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(reporter.run)
+                outer.start_soon(monitor.run)
                 if apply:
                     outer.start_soon(save_checkpoints)
                 if handle_signals:
@@ -464,9 +529,12 @@ async def run(
                     work.start_soon(pump)
                     outer.start_soon(stop_when_asked, producer_scope)
                     async with recv:
-                        for _ in range(run_cfg.concurrency):
+                        for _ in range(workers):
                             work.start_soon(consume, recv.clone())
-                status = "interrupted" if stop.is_set() else "completed"
+                if monitor.error is not None:
+                    status = "failed"
+                else:
+                    status = "interrupted" if stop.is_set() else "completed"
                 outer.cancel_scope.cancel()
         finally:
             spool.discard()
@@ -474,7 +542,8 @@ async def run(
                 plan_fh.close()
             reporter.close()
             summary = _summary(run_id, apply, status, target, stats, run_cfg, sample)
-            if apply:
+            control_lost = apply and control.is_closed()
+            if apply and not control_lost:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(10):
                     renamed_total = await control.fetchval(st.count_changes, run_id)
                     await state.finish_run(
@@ -485,7 +554,7 @@ async def run(
                         groups=stats.groups_done,
                         renamed=renamed_total,
                         skipped=stats.skipped_rows,
-                        checkpoint=checkpoints.to_json(),
+                        checkpoint=checkpoints.to_json() | {"live": live_snapshot(stats, knobs)},
                         summary=summary.to_json(),
                     )
                     if run_lock is not None:
@@ -493,8 +562,33 @@ async def run(
             if created_index and (status == "completed") and not run_cfg.keep_scan_index:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(60):
                     await control.execute(sql.drop_index_concurrently(target.schema, created_index))
+            if control_lost:
+                # The run cannot be marked: it stays "running", resumable from its last saved
+                # checkpoint (work after it is found again by the scan, already-renamed groups
+                # are no longer duplicates).
+                raise ConnectError(
+                    f"lost the connection to the server during run {run_id} (server restarted "
+                    "or session terminated); "
+                    "every committed batch is whole and audited: resume with "
+                    f"--run-id {run_id} once the server is back"
+                )
         structlog.contextvars.unbind_contextvars("run_id", "table")
+    if monitor is not None and monitor.error is not None:
+        raise monitor.error  # the run is saved as failed (resumable); say why
     return summary
+
+
+def _throttle_options(run_cfg: RunConfig) -> dict[str, Any]:
+    """The guardrails that differ from their defaults, for the runs row (no URL passwords)."""
+    t = run_cfg.throttle
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(t):
+        value = getattr(t, f.name)
+        if value != f.default and f.name != "replica_urls":
+            out[f.name] = value
+    if t.replica_urls:
+        out["replica_urls"] = [redact_dsn(u) for u in t.replica_urls]
+    return out
 
 
 def _summary(

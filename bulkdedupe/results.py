@@ -377,3 +377,135 @@ class Change:
             "new_value": self.new_value,
             "changed_at": self.changed_at.isoformat(),
         }
+
+
+@dataclass(frozen=True, kw_only=True)
+class InitStateResult:
+    """What `init-state` created in the state schema and granted."""
+
+    state_schema: str
+    created: tuple[str, ...]  # e.g. "table bulkdedupe.runs"; empty: everything was there
+    role: str | None
+    granted: tuple[str, ...]  # the GRANT statements executed
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_text(self) -> str:
+        lines = [
+            f"state schema {self.state_schema} ready",
+            f"  created  {', '.join(self.created) if self.created else 'nothing (all there)'}",
+        ]
+        if self.role is not None:
+            lines.append(f"  granted to {self.role}:")
+            lines += [f"    {g};" for g in self.granted]
+        return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunStatus:
+    """`bulkdedupe status`: where a run is, from its runs row and the run lock.
+
+    `state`: running, throttled (max-rate/sleep in effect), paused (with `reasons`), stopping,
+    gone (marked running but no live process: crashed or killed), or the final status."""
+
+    run_id: str
+    command: str
+    table: str
+    key: str
+    status: str
+    state: str
+    alive: bool
+    reasons: tuple[str, ...]
+    throttled_by: tuple[str, ...]
+    stop_reason: str | None
+    started_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+    seconds_since_update: float
+    scanned_rows: int | None
+    estimated_rows: int | None
+    groups_found: int | None
+    groups_done: int | None
+    rows_renamed: int
+    rows_skipped: int
+    rows_per_s: float | None
+    eta_s: float | None
+    batch_size: int | None
+    batch_ceiling: int | None
+    concurrency: int | None
+    pid: int | None
+    host: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("started_at", "updated_at", "finished_at"):
+            d[k] = d[k].isoformat() if d[k] else None
+        d["reasons"] = list(self.reasons)
+        d["throttled_by"] = list(self.throttled_by)
+        return d
+
+    def to_text(self) -> str:
+        state = self.state
+        if self.reasons:
+            state += ": " + "; ".join(self.reasons)
+        elif self.state == "throttled":
+            state += ": " + ", ".join(self.throttled_by)
+        scanned = "-"
+        if self.scanned_rows is not None:
+            scanned = f"{self.scanned_rows:,}"
+            if self.estimated_rows:
+                pct = min(100.0, 100 * self.scanned_rows / self.estimated_rows)
+                scanned += f" of ~{self.estimated_rows:,} ({pct:.0f}%)"
+        rows: list[tuple[str, Any]] = [
+            ("state", state),
+            ("process", f"pid {self.pid} on {self.host}" if self.alive else "none alive"),
+            ("started", _when(self.started_at)),
+            ("last update", f"{self.seconds_since_update:g}s ago"),
+        ]
+        if self.finished_at:
+            rows.append(("finished", _when(self.finished_at)))
+        if self.stop_reason:
+            rows.append(("stopped because", self.stop_reason))
+        rows += [
+            ("rows scanned", scanned),
+            ("groups done", f"{self.groups_done or 0:,} of {self.groups_found or 0:,} found"),
+            ("rows renamed", self.rows_renamed),
+            ("rows skipped", self.rows_skipped),
+            ("rate (rows/s)", "-" if self.rows_per_s is None else self.rows_per_s),
+            ("ETA", _duration(self.eta_s)),
+            ("batch size", f"{self.batch_size or '-'} (ceiling {self.batch_ceiling or '-'})"),
+            ("concurrency", "-" if self.concurrency is None else self.concurrency),
+        ]
+        return table_text(
+            f"run {self.run_id} ({self.command}, {self.status}) on {self.table}.{self.key}", rows
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControlResult:
+    """`pause`/`resume`/`stop`/`set`: the running process has obeyed the request."""
+
+    run_id: str
+    verb: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"acknowledged": True}
+
+    def to_text(self) -> str:
+        what = self.verb
+        if self.settings:
+            what += " " + ", ".join(
+                f"{k.replace('_', '-')}={'off' if v is None else v}"
+                for k, v in sorted(self.settings.items())
+            )
+        return f"run {self.run_id}: {what}: done (the running process obeyed)"

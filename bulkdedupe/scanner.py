@@ -14,7 +14,8 @@ import structlog
 
 from . import sql
 from .catalog import Target
-from .db import Conn
+from .db import CONNECTION_LOST, Conn
+from .errors import BulkDedupeError
 
 log = structlog.get_logger(__name__)
 
@@ -104,13 +105,18 @@ async def scan_range(
         started = anyio.current_time()
         try:
             rows = await pool.fetch(query, bound, rng.hi, size)
-        except asyncpg.QueryCanceledError:
+        except asyncpg.QueryCanceledError as exc:
             if size <= MIN_PAGE_SIZE:
-                raise
+                # Never skip the page: the keys in it would silently stay duplicated.
+                raise BulkDedupeError(
+                    f"a scan page of {size} index entries still ran past statement_timeout "
+                    f"({exc}); the table may be locked (ALTER TABLE, VACUUM FULL...) or the "
+                    "server overloaded: retry later or raise --statement-timeout"
+                ) from exc
             size = max(MIN_PAGE_SIZE, size // 2)
             log.warning("scan page timed out; splitting", range=rng.index, page_size=size)
             continue
-        except (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError):
+        except CONNECTION_LOST:
             failures += 1
             if failures > PAGE_RETRIES:
                 raise

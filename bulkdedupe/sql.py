@@ -32,7 +32,11 @@ SELECT current_setting('server_version_num')::int AS version_num,
        current_setting('default_transaction_read_only') = 'on' AS default_read_only,
        current_setting('transaction_read_only') = 'on' AS transaction_read_only,
        current_user AS role,
-       current_database() AS database
+       current_database() AS database,
+       -- the shared lock table's size: every advisory lock a batch holds takes one slot
+       current_setting('max_locks_per_transaction')::int
+         * (current_setting('max_connections')::int
+            + current_setting('max_prepared_transactions')::int) AS lock_slots
 """
 
 # to_regclass parses the quoted name itself: no SQL is ever executed from user input.
@@ -130,6 +134,9 @@ class StateSql:
     def control(self) -> str:
         return qualify(self.schema, "control")
 
+    # The privilege checks and init-state's GRANTs are derived from this DDL (state_objects):
+    # write CREATE SCHEMA/TABLE/INDEX and ALTER TABLE ... ADD COLUMN, all IF NOT EXISTS;
+    # any other statement counts as never done, so it would run (and need ownership) each time.
     @cached_property
     def create(self) -> list[str]:
         s = quote_ident(self.schema)
@@ -458,8 +465,9 @@ FROM unnest($1::{self.key_type}[]) AS v"""
 
     @cached_property
     def apply_renames(self) -> str:
-        # Only the key column is written, only where it still holds the old value; the audit
-        # row is inserted by the same statement, so data and audit commit together.
+        # Only the key column is written, only where it still holds the old value and no row
+        # holds the new one; the audit row is inserted by the same statement, so data and audit
+        # commit together. Fewer rows than asked for: the caller rolls back and retries.
         return f"""
 WITH v AS (
     SELECT * FROM unnest($1::{self.pk_type}[], $2::{self.key_type}[], $3::{self.key_type}[])
@@ -467,6 +475,9 @@ WITH v AS (
 ), u AS (
     UPDATE {self.table} t SET {self.k} = v.new FROM v
     WHERE t.{self.p} = v.pk AND t.{self.k} = v.old
+      -- re-checked with this statement's snapshot, taken after the candidate's advisory lock:
+      -- a worker that wrote the same value and released its lock just before is seen here
+      AND NOT EXISTS (SELECT 1 FROM {self.table} o WHERE o.{self.k} = v.new)
     RETURNING t.{self.p} AS pk, v.old, v.new
 )
 INSERT INTO {self.state.changes} (run_id, pk, old_value, new_value)

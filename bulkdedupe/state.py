@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 
-from . import sql
+from . import privileges, sql
 from .catalog import Target
 from .db import Conn
 from .errors import RunStateError
@@ -25,15 +25,32 @@ def new_run_id() -> str:
 
 
 async def ensure_schema(conn: Conn, state: sql.StateSql) -> None:
-    # Serialize concurrent first runs: CREATE ... IF NOT EXISTS races on the catalog.
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('bulkdedupe.ddl', 0))")
-        for stmt in state.create:
-            await conn.execute(stmt)
+    """Create what is missing of the state schema, then check that this role may record runs
+    and their audit in it. Raises PrivilegeError, before anything changes, when it may not.
+
+    Nothing is created when everything exists, so a role that owns nothing works on a schema a
+    DBA made with `init-state` (CREATE SCHEMA IF NOT EXISTS alone needs CREATE on the database).
+    """
+    access = await privileges.inspect_state(conn, state)
+    if access.missing:
+        privileges.require_create(access)
+        # Serialize concurrent first runs: CREATE ... IF NOT EXISTS races on the catalog.
+        async with conn.transaction():
+            await conn.execute(sql.STATE_DDL_LOCK)
+            access = await privileges.inspect_state(conn, state)  # made meanwhile?
+            try:
+                for stmt in privileges.missing_statements(access, state):
+                    await conn.execute(stmt)
+            except asyncpg.InsufficientPrivilegeError as exc:
+                raise privileges.create_error(access, exc) from exc
+        access = await privileges.inspect_state(conn, state)
+    privileges.require_state(access, write=True)
 
 
-async def schema_exists(conn: Conn, state: sql.StateSql) -> bool:
-    return bool(await conn.fetchval(state.exists, state.runs, state.changes))
+async def schema_exists(conn: Conn, state: sql.StateSql, *, write: bool = False) -> bool:
+    """Whether the runs and their audit exist. Raises PrivilegeError when they do but this role
+    may not read them (with `write`: record runs and audit rows in them)."""
+    return await privileges.check_state(conn, state, write=write)
 
 
 @dataclass

@@ -88,8 +88,10 @@ def _blocking_hint(target: Target, rows: list[asyncpg.Record]) -> tuple[str, str
     return what, how
 
 
-async def _find_run(conn: Conn, st: sql.StateSql, run_id: str) -> asyncpg.Record:
-    if not await state.schema_exists(conn, st):
+async def _find_run(conn: Conn, st: sql.StateSql, run_id: str, *, write: bool) -> asyncpg.Record:
+    # With `write`, also the privileges to record the undo as a run of its own, checked here,
+    # before anything changes.
+    if not await state.schema_exists(conn, st, write=write):
         raise RunStateError(
             f"run {run_id} not found: the state schema {st.schema} does not exist "
             "(no run was applied on this database; check --state-schema)"
@@ -264,7 +266,7 @@ async def undo(
         tasks.append(lambda: signals.set_on_signal(stop))
     try:
         async with db.connect(cfg) as control:
-            run = await _find_run(control, st, ucfg.run_id)
+            run = await _find_run(control, st, ucfg.run_id, write=ucfg.apply)
             target = await _resolve(control, cfg, run, ucfg.apply)
             # Hold the undone run's own lock: it must not be executing (or resumed) meanwhile.
             source_lock = state.RunLock(control, ucfg.run_id)

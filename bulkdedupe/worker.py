@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import anyio
 import asyncpg
@@ -17,8 +17,8 @@ import structlog
 from . import sql
 from .batching import BatchSizer
 from .catalog import Target
-from .db import Conn
-from .errors import from_driver
+from .db import CONNECTION_LOST, Conn
+from .errors import ConnectError, from_driver
 from .planner import GroupPlan, Row, candidates, plan_groups
 from .progress import Stats
 from .scanner import Group
@@ -33,6 +33,7 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.QueryCanceledError,  # statement_timeout
     asyncpg.PostgresConnectionError,
     asyncpg.AdminShutdownError,  # pg_terminate_backend, server shutting down
+    asyncpg.CrashShutdownError,  # another backend crashed: the server restarts
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,  # connection closed under us
@@ -91,8 +92,7 @@ class WorkItem:
         return sum(g.count - 1 for g in self.groups)
 
 
-@dataclass(frozen=True, slots=True)
-class Rename:
+class Rename(NamedTuple):
     pk: Any
     old: str
     new: str
@@ -149,6 +149,7 @@ class Worker:
         plan: PlanWriter | None = None,
         sample: list[Rename] | None = None,
         sample_size: int = 10,
+        before_batch: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.pool = pool
         self.target = target
@@ -163,6 +164,9 @@ class Worker:
         self.plan = plan
         self.sample = sample
         self.sample_size = sample_size
+        # The throttle's gate: may wait (paused, max-rate, --sleep) or raise to stop the run.
+        # Called before each attempt, before a connection is taken from the pool.
+        self.before_batch = before_batch
 
     async def handle(self, item: WorkItem) -> None:
         """Work off every group of the item, in transactions of at most the sizer's current
@@ -196,6 +200,15 @@ class Worker:
             self.stats.retries += 1
             self.sizer.failed()
             if attempt > self.max_retries:
+                if isinstance(error, CONNECTION_LOST):
+                    # The server is gone, not one hot key: splitting the batch and skipping
+                    # group after group (each after its own retries) would only take hours.
+                    resume = f"resume with --run-id {self.run_id}" if self.apply else "run again"
+                    raise ConnectError(
+                        f"lost the connection to the server ({type(error).__name__}: {error}) "
+                        f"and {attempt} attempts failed; every committed batch is whole and "
+                        f"audited: {resume} once the server is back"
+                    ) from error
                 if len(keys) > 1:
                     # One hot key must not sink the whole batch: go group by group.
                     return await self._one_by_one(keys, counts)
@@ -220,6 +233,8 @@ class Worker:
         log.warning("groups skipped", reason=reason, groups=len(keys), rows=rows, error=str(exc))
 
     async def _once(self, keys: list[str], counts: dict[str, int]) -> list[str]:
+        if self.before_batch is not None:
+            await self.before_batch()
         started = anyio.current_time()
         result = await self._transaction(keys, self.sizer.size)
         seconds = anyio.current_time() - started

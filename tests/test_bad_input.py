@@ -544,7 +544,7 @@ def test_role_that_may_not_create_the_state_schema(payments: str, role: str) -> 
     )
     before = fingerprint(payments)
     result = invoke("run", "--apply", "-d", dsn_as(payments, role, ROLE_PASSWORD))
-    assert_one_error_line(result, EXIT_ENVIRONMENT, "permission denied")
+    assert_one_error_line(result, EXIT_ENVIRONMENT, "CREATE ON DATABASE", "init-state")
     assert fingerprint(payments) == before
     assert not state_schema_exists(payments)
 

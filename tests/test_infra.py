@@ -7,7 +7,7 @@ import sys
 
 import asyncpg
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from benchmarks.generate import GenSpec, NotGeneratedError, generate, plan
@@ -134,6 +134,9 @@ async def test_create_payments_in_schema_with_odd_names(dsn: str) -> None:
 def test_plan_partitions_the_rows_exactly(
     rows: int, dup_fraction: float, null_fraction: float, tail_fraction: float, big_groups: int
 ) -> None:
+    # On a handful of rows rounding can ask for more rows than there are (2 rows, 1 extra
+    # duplicate and 1 NULL key): plan() refuses those, tested below.
+    assume(2 * round(dup_fraction * rows) + round(null_fraction * rows) <= rows)
     spec = GenSpec(
         rows=rows,
         dup_fraction=dup_fraction,
@@ -150,6 +153,11 @@ def test_plan_partitions_the_rows_exactly(
     assert cursor == rows
     assert layout.rows_to_rename == round(dup_fraction * rows)
     assert layout.null_keys == round(null_fraction * rows)
+
+
+def test_plan_refuses_a_spec_that_needs_more_rows_than_it_has() -> None:
+    with pytest.raises(ValueError, match="more than rows=2"):
+        plan(GenSpec(rows=2, dup_fraction=0.3, null_fraction=0.3, big_groups=0))
 
 
 @pytest.mark.anyio

@@ -1,0 +1,196 @@
+"""The naive fixes bulkdedupe is compared with, run as their own process like the tool itself.
+
+    python -m benchmarks.baselines one-statement -d DSN   # one UPDATE in one transaction
+    python -m benchmarks.baselines per-row -d DSN [--max-seconds S] [--max-rows N]
+
+Both keep the lowest id of each group and rename the others to ``{value}-{id}``, exactly as
+``bulkdedupe run`` does with its defaults, so every method must end with the same table. Each
+prints one JSON object on stdout with the fields of bulkdedupe's run summary it can fill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+import asyncpg
+
+from benchmarks.generate import quote_ident, quote_table
+
+__all__ = ["BaselineResult", "one_statement", "per_row", "percentile"]
+
+APPLICATION_NAME: Final = "bench-baseline"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of unsorted ``values``; 0.0 when empty."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(kw_only=True)
+class BaselineResult:
+    """What a baseline did, named like bulkdedupe's RunSummary where the meaning is the same."""
+
+    method: str
+    rows_renamed: int
+    rows_to_rename: int
+    duration_s: float
+    # The per-row script may stop early (--max-seconds/--max-rows); then the full run's time is
+    # extrapolated from its measured rate and `extrapolated` says so.
+    extrapolated: bool = False
+    estimated_duration_s: float = 0.0
+    # Transactions: one for the single UPDATE, one per row for the per-row script.
+    transactions: int = 0
+    txn_ms_p50: float = 0.0
+    txn_ms_p99: float = 0.0
+    txn_ms_max: float = 0.0
+    # The query that finds the duplicates (the per-row script's GROUP BY); the one-statement
+    # UPDATE finds and renames in the same statement, so it has none of its own.
+    scan_ms: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _one_statement_sql(table: str, key: str, pk: str) -> str:
+    t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
+    return f"""
+        UPDATE {t} AS t
+        SET {k} = t.{k} || '-' || t.{p}
+        FROM (
+            SELECT {p} AS pk, row_number() OVER (PARTITION BY {k} ORDER BY {p}) AS rn
+            FROM {t}
+            WHERE {k} IS NOT NULL
+        ) AS d
+        WHERE t.{p} = d.pk AND d.rn > 1
+    """
+
+
+async def one_statement(
+    dsn: str, *, table: str = "payments", key: str = "transaction_id", pk: str = "id"
+) -> BaselineResult:
+    """The hand-written fix: every rename in one UPDATE, one transaction. The ceiling of raw
+    throughput, and every renamed row stays locked until the very end."""
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+    try:
+        began = time.monotonic()
+        async with conn.transaction():
+            status = await conn.execute(_one_statement_sql(table, key, pk))
+        seconds = time.monotonic() - began
+    finally:
+        await conn.close()
+    renamed = int(status.rsplit(" ", 1)[-1])
+    ms = seconds * 1000
+    return BaselineResult(
+        method="one-statement",
+        rows_renamed=renamed,
+        rows_to_rename=renamed,
+        duration_s=round(seconds, 3),
+        estimated_duration_s=round(seconds, 3),
+        transactions=1,
+        txn_ms_p50=round(ms, 1),
+        txn_ms_p99=round(ms, 1),
+        txn_ms_max=round(ms, 1),
+    )
+
+
+async def per_row(
+    dsn: str,
+    *,
+    table: str = "payments",
+    key: str = "transaction_id",
+    pk: str = "id",
+    max_seconds: float | None = None,
+    max_rows: int | None = None,
+) -> BaselineResult:
+    """What people write first: one GROUP BY to list the groups, then one autocommit UPDATE per
+    row. Stops after ``max_seconds`` or ``max_rows`` and extrapolates the full run's time."""
+    t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+    try:
+        began = time.monotonic()
+        groups = await conn.fetch(
+            f"SELECT {k} AS k, array_agg({p} ORDER BY {p}) AS ids FROM {t} "
+            f"WHERE {k} IS NOT NULL GROUP BY {k} HAVING count(*) > 1"
+        )
+        scan_s = time.monotonic() - began
+        todo = [(g["k"], pk_) for g in groups for pk_ in g["ids"][1:]]
+        update = await conn.prepare(f"UPDATE {t} SET {k} = $1 WHERE {p} = $2")
+        latencies: list[float] = []
+        deadline = None if max_seconds is None else began + max_seconds
+        limit = len(todo) if max_rows is None else min(max_rows, len(todo))
+        for value, row_pk in todo[:limit]:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            t0 = time.monotonic()
+            await update.fetch(f"{value}-{row_pk}", row_pk)
+            latencies.append((time.monotonic() - t0) * 1000)
+        seconds = time.monotonic() - began
+    finally:
+        await conn.close()
+    done = len(latencies)
+    result = BaselineResult(
+        method="per-row",
+        rows_renamed=done,
+        rows_to_rename=len(todo),
+        duration_s=round(seconds, 3),
+        estimated_duration_s=round(seconds, 3),
+        transactions=done,
+        txn_ms_p50=round(percentile(latencies, 50), 2),
+        txn_ms_p99=round(percentile(latencies, 99), 2),
+        txn_ms_max=round(max(latencies, default=0.0), 2),
+        scan_ms=round(scan_s * 1000, 1),
+    )
+    if done < len(todo):
+        update_s = seconds - scan_s
+        per_row_s = update_s / done if done else float("inf")
+        result.extrapolated = True
+        result.estimated_duration_s = round(scan_s + per_row_s * len(todo), 1)
+        result.notes.append(
+            f"stopped after {done} of {len(todo)} rows ({seconds:.1f} s); full time "
+            f"extrapolated from {per_row_s * 1000:.2f} ms/row"
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__)
+    parser.add_argument("method", choices=["one-statement", "per-row"])
+    parser.add_argument("-d", "--dsn", default=os.environ.get("DATABASE_URL"))
+    parser.add_argument("--table", default="payments")
+    parser.add_argument("--key", default="transaction_id")
+    parser.add_argument("--pk", default="id")
+    parser.add_argument("--max-seconds", type=float, default=None, help="per-row: stop after")
+    parser.add_argument("--max-rows", type=int, default=None, help="per-row: stop after")
+    args = parser.parse_args(argv)
+    if not args.dsn:
+        parser.error("no DSN: pass -d/--dsn or set DATABASE_URL")
+    names = {"table": args.table, "key": args.key, "pk": args.pk}
+    try:
+        if args.method == "one-statement":
+            result = asyncio.run(one_statement(args.dsn, **names))
+        else:
+            result = asyncio.run(
+                per_row(args.dsn, **names, max_seconds=args.max_seconds, max_rows=args.max_rows)
+            )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"baselines: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

