@@ -8,8 +8,11 @@ from .config import (
     OrderItem,
     RunConfig,
     ScanConfig,
+    ThrottleConfig,
     UndoConfig,
 )
+from .control import request as control_run
+from .control import status
 from .enforce import enforce
 from .errors import (
     BulkDedupeError,
@@ -26,11 +29,13 @@ from .privileges import init_script, init_state
 from .report import Report, list_runs, open_report
 from .results import (
     Change,
+    ControlResult,
     EnforceAttempt,
     EnforceResult,
     InitStateResult,
     RunInfo,
     RunsList,
+    RunStatus,
     RunSummary,
     ScanReport,
     UndoSummary,
@@ -45,6 +50,7 @@ __all__ = [
     "Change",
     "ConnectConfig",
     "ConnectError",
+    "ControlResult",
     "EnforceAttempt",
     "EnforceConfig",
     "EnforceResult",
@@ -57,17 +63,20 @@ __all__ = [
     "RunConfig",
     "RunInfo",
     "RunStateError",
+    "RunStatus",
     "RunSummary",
     "RunsList",
     "ScanConfig",
     "ScanReport",
     "TargetError",
+    "ThrottleConfig",
     "UndoConfig",
     "UndoSummary",
     "UnsafeIdentifierError",
     "UsageError",
     "VerifyResult",
     "__version__",
+    "control_run",
     "enforce",
     "init_script",
     "init_state",
@@ -75,6 +84,7 @@ __all__ = [
     "open_report",
     "run",
     "scan",
+    "status",
     "undo",
     "verify",
 ]

@@ -314,6 +314,7 @@ async def run(
         if run_cfg.throttle.watches_database:
             # a broken --throttle-query or --replica-url fails here, before anything changes
             await sampler.check(control, run_cfg.throttle)
+        # Every check that can refuse the run comes before the first write.
         if target.scan_index is None:
             if not run_cfg.create_scan_index:
                 raise _no_index_error(target)
@@ -321,11 +322,16 @@ async def run(
                 raise UsageError(
                     "--create-scan-index writes (it builds an index): use it with --apply"
                 )
+            await catalog.check_owner(
+                control, target, why="--create-scan-index builds an index on it"
+            )
+        if apply:
+            await state.ensure_schema(control, st)
+        if target.scan_index is None:
             created_index = await _create_scan_index(control, target)
         run_lock: state.RunLock | None = None
         resumed: state.RunRecord | None = None
         if apply:
-            await state.ensure_schema(control, st)
             run_lock = state.RunLock(control, run_id)
             await run_lock.acquire()
             options = {
