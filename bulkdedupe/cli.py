@@ -162,6 +162,36 @@ def scan_options(f: F) -> F:
     )(f)
 
 
+def batch_transaction_options(f: F) -> F:
+    """How each batch transaction of `run` and `undo` waits, times out and retries."""
+    opts = [
+        click.option(
+            "--lock-timeout",
+            type=DURATION,
+            default=DEFAULT_LOCK_TIMEOUT,
+            show_default=True,
+            help="lock_timeout of each batch transaction.",
+        ),
+        click.option(
+            "--statement-timeout",
+            type=DURATION,
+            default=DEFAULT_STATEMENT_TIMEOUT,
+            show_default=True,
+            help="statement_timeout of each batch (and of each scan query of `run`).",
+        ),
+        click.option(
+            "--max-retries",
+            type=int,
+            default=DEFAULT_MAX_RETRIES,
+            show_default=True,
+            help="Retries of a batch on lock timeout, deadlock or lost connection.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
 def throttle_options(f: F) -> F:
     """The guardrails of `run` (all off by default; see docs/production.md)."""
     opts = [
@@ -443,27 +473,7 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
     default=None,
     help="Write every (would-be) change as JSON lines.",
 )
-@click.option(
-    "--lock-timeout",
-    type=DURATION,
-    default=DEFAULT_LOCK_TIMEOUT,
-    show_default=True,
-    help="lock_timeout of each batch transaction.",
-)
-@click.option(
-    "--statement-timeout",
-    type=DURATION,
-    default=DEFAULT_STATEMENT_TIMEOUT,
-    show_default=True,
-    help="statement_timeout of each batch and scan query.",
-)
-@click.option(
-    "--max-retries",
-    type=int,
-    default=DEFAULT_MAX_RETRIES,
-    show_default=True,
-    help="Retries of a batch on lock timeout, deadlock or lost connection.",
-)
+@batch_transaction_options
 @click.option(
     "--create-scan-index",
     is_flag=True,
@@ -642,27 +652,7 @@ def enforce(
     show_default=True,
     help="Most rows restored in one transaction (>= 1).",
 )
-@click.option(
-    "--lock-timeout",
-    type=DURATION,
-    default=DEFAULT_LOCK_TIMEOUT,
-    show_default=True,
-    help="lock_timeout of each batch transaction.",
-)
-@click.option(
-    "--statement-timeout",
-    type=DURATION,
-    default=DEFAULT_STATEMENT_TIMEOUT,
-    show_default=True,
-    help="statement_timeout of each batch.",
-)
-@click.option(
-    "--max-retries",
-    type=int,
-    default=DEFAULT_MAX_RETRIES,
-    show_default=True,
-    help="Retries of a batch on lock timeout, deadlock or lost connection.",
-)
+@batch_transaction_options
 @format_option
 @handle_errors
 def undo(

@@ -5,13 +5,14 @@ Big, realistic tables come from ``benchmarks.generate``; these are for exact, ha
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode
 
 import asyncpg
@@ -23,14 +24,51 @@ __all__ = [
     "REPO_ROOT",
     "create_payments",
     "dsn_with_database",
+    "execute",
+    "fetch",
     "fetch_keys",
+    "fetchval",
     "run_cli",
+    "sync",
     "table_checksum",
 ]
+
+T = TypeVar("T")
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 # created_at of hand-made rows without one: EPOCH + i seconds, so the order is id order.
 EPOCH: Final = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+
+
+async def execute(dsn: str, *statements: str) -> None:
+    """Run statements one after the other on a connection of their own."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return list(await conn.fetch(query, *args))
+    finally:
+        await conn.close()
+
+
+async def fetchval(dsn: str, query: str, *args: Any) -> Any:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query, *args)
+    finally:
+        await conn.close()
+
+
+def sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine from a sync test (the CLI tests run subprocesses)."""
+    return asyncio.run(coro)
 
 
 def dsn_with_database(dsn: str, database: str) -> str:

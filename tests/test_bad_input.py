@@ -4,7 +4,6 @@ database (same table checksum, no new relation, no state schema)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import subprocess
@@ -22,7 +21,7 @@ from click.testing import CliRunner
 
 from benchmarks.generate import quote_ident
 from bulkdedupe.cli import main
-from tests.helpers import create_payments, run_cli, table_checksum
+from tests.helpers import create_payments, execute, fetchval, run_cli, sync, table_checksum
 
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
@@ -34,27 +33,6 @@ ROWS = [("a",), ("a",), ("b",), ("c",), ("c",), ("c",), (None,)]
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _sync(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-async def _execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-async def _fetchval(dsn: str, query: str, *args: Any) -> Any:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetchval(query, *args)
-    finally:
-        await conn.close()
 
 
 async def _fingerprint(dsn: str) -> dict[str, Any]:
@@ -89,11 +67,11 @@ async def _fingerprint(dsn: str) -> dict[str, Any]:
 
 
 def fingerprint(dsn: str) -> dict[str, Any]:
-    return _sync(_fingerprint(dsn))
+    return sync(_fingerprint(dsn))
 
 
 def state_schema_exists(dsn: str, schema: str = "bulkdedupe") -> bool:
-    return bool(_sync(_fetchval(dsn, "SELECT to_regnamespace($1) IS NOT NULL", f'"{schema}"')))
+    return bool(sync(fetchval(dsn, "SELECT to_regnamespace($1) IS NOT NULL", f'"{schema}"')))
 
 
 def assert_one_error_line(
@@ -164,8 +142,8 @@ def _reset_logging() -> Iterator[None]:
 @pytest.fixture
 def payments(dsn: str) -> str:
     """The payments table with duplicates, plus a table ``x`` for injected SQL to aim at."""
-    _sync(create_payments(dsn, rows=ROWS))
-    _sync(_execute(dsn, "CREATE TABLE x (id int)", "INSERT INTO x VALUES (1)"))
+    sync(create_payments(dsn, rows=ROWS))
+    sync(execute(dsn, "CREATE TABLE x (id int)", "INSERT INTO x VALUES (1)"))
     return dsn
 
 
@@ -174,15 +152,15 @@ def role(dsn: str) -> Iterator[str]:
     """A fresh login role (cluster-wide, so uniquely named), dropped with what it was granted."""
     name = f"bd_role_{uuid.uuid4().hex[:10]}"
     # A password too: a server that asks for one (CI's PostgreSQL 15 over TCP) gets it.
-    _sync(_execute(dsn, f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{ROLE_PASSWORD}'"))
+    sync(execute(dsn, f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{ROLE_PASSWORD}'"))
     try:
         yield name
     finally:
-        _sync(_execute(dsn, f'DROP OWNED BY "{name}"', f'DROP ROLE "{name}"'))
+        sync(execute(dsn, f'DROP OWNED BY "{name}"', f'DROP ROLE "{name}"'))
 
 
 def _x_exists(dsn: str) -> bool:
-    return bool(_sync(_fetchval(dsn, "SELECT to_regclass('public.x') IS NOT NULL")))
+    return bool(sync(fetchval(dsn, "SELECT to_regclass('public.x') IS NOT NULL")))
 
 
 # --- identifiers, columns, keys --------------------------------------------------------------
@@ -244,7 +222,7 @@ def test_quoted_identifiers_are_names_not_sql(payments: str) -> None:
     assert _x_exists(payments)
     assert state_schema_exists(payments, schema)
     assert not state_schema_exists(payments)
-    changes = _sync(_fetchval(payments, f'SELECT count(*) FROM "{schema}".changes'))
+    changes = sync(fetchval(payments, f'SELECT count(*) FROM "{schema}".changes'))
     assert changes == 3
 
 
@@ -274,9 +252,9 @@ def test_unsuitable_table_shape(payments: str) -> None:
     """No primary key, a composite one, keys that are not text, relations that are not tables.
     Each table holds what would be duplicates and has an index on the key: only the shape is
     wrong."""
-    _sync(_execute(payments, *SHAPES.values()))
-    _sync(
-        _execute(
+    sync(execute(payments, *SHAPES.values()))
+    sync(
+        execute(
             payments,
             "INSERT INTO t_no_pk VALUES (1, 'd'), (2, 'd')",
             "INSERT INTO t_composite VALUES (1, 1, 'd'), (1, 2, 'd')",
@@ -304,8 +282,8 @@ def test_unsuitable_table_shape(payments: str) -> None:
 def test_without_primary_key_a_unique_pk_column_works(payments: str) -> None:
     """The counterpart of the no-primary-key refusal: --pk naming a unique, not-null column is
     accepted, and --pk naming a column without a unique index is not."""
-    _sync(
-        _execute(
+    sync(
+        execute(
             payments,
             "CREATE TABLE t (ref int NOT NULL, other int, transaction_id text)",
             "INSERT INTO t VALUES (1, 1, 'k'), (2, 1, 'k'), (3, 2, 'z')",
@@ -320,7 +298,7 @@ def test_without_primary_key_a_unique_pk_column_works(payments: str) -> None:
 
     ok = invoke("run", "--apply", "--table", "t", "--pk", "ref", "-d", payments)
     assert ok.returncode == 0, ok.stderr
-    keys = _sync(_fetchval(payments, "SELECT array_agg(transaction_id ORDER BY ref) FROM t"))
+    keys = sync(fetchval(payments, "SELECT array_agg(transaction_id ORDER BY ref) FROM t"))
     assert keys == ["k", "k-2", "z"]
 
 
@@ -464,7 +442,7 @@ def password_auth(pg_admin_dsn: str, role: str) -> Iterator[str]:
     """
     if os.environ.get("BULKDEDUPE_TEST_DSN"):
         pytest.skip("password authentication needs a pg_hba.conf we may edit (embedded server)")
-    hba = Path(_sync(_fetchval(pg_admin_dsn, "SHOW hba_file")))
+    hba = Path(sync(fetchval(pg_admin_dsn, "SHOW hba_file")))
     try:
         original = hba.read_text()
         hba.write_text(
@@ -473,8 +451,8 @@ def password_auth(pg_admin_dsn: str, role: str) -> Iterator[str]:
     except OSError as exc:
         pytest.skip(f"cannot edit {hba}: {exc}")
     try:
-        _sync(
-            _execute(
+        sync(
+            execute(
                 pg_admin_dsn,
                 f"ALTER ROLE \"{role}\" PASSWORD '{SECRET}'",
                 "SELECT pg_reload_conf()",
@@ -483,11 +461,11 @@ def password_auth(pg_admin_dsn: str, role: str) -> Iterator[str]:
         yield role
     finally:
         hba.write_text(original)
-        _sync(_execute(pg_admin_dsn, "SELECT pg_reload_conf()"))
+        sync(execute(pg_admin_dsn, "SELECT pg_reload_conf()"))
 
 
 def test_wrong_password(payments: str, password_auth: str) -> None:
-    _sync(_execute(payments, f'GRANT SELECT ON payments TO "{password_auth}"'))
+    sync(execute(payments, f'GRANT SELECT ON payments TO "{password_auth}"'))
     # The setup is real: the right password gets in (scan is read-only: 1 = duplicates found).
     right = invoke("scan", "-d", dsn_as(payments, password_auth, SECRET))
     assert right.returncode == 1, right.stderr
@@ -508,7 +486,7 @@ def test_wrong_password(payments: str, password_auth: str) -> None:
 
 
 def test_select_only_role_cannot_apply(payments: str, role: str) -> None:
-    _sync(_execute(payments, f'GRANT SELECT ON payments TO "{role}"'))
+    sync(execute(payments, f'GRANT SELECT ON payments TO "{role}"'))
     as_role = dsn_as(payments, role, ROLE_PASSWORD)
     before = fingerprint(payments)
 
@@ -535,8 +513,8 @@ def test_role_without_select(payments: str, role: str) -> None:
 def test_role_that_may_not_create_the_state_schema(payments: str, role: str) -> None:
     """UPDATE on the table but no CREATE on the database: the state schema cannot be made, so
     nothing is renamed (an unaudited rename would break the contract)."""
-    _sync(
-        _execute(
+    sync(
+        execute(
             payments,
             f'GRANT SELECT, UPDATE ON payments TO "{role}"',
             f'REVOKE CREATE ON DATABASE "{database_of(payments)}" FROM PUBLIC',
@@ -551,7 +529,7 @@ def test_role_that_may_not_create_the_state_schema(payments: str, role: str) -> 
 
 def test_read_only_database(payments: str) -> None:
     database = database_of(payments)
-    _sync(_execute(payments, f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'))
+    sync(execute(payments, f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'))
     before = fingerprint(payments)
 
     result = invoke("run", "--apply", "-d", payments)
@@ -583,8 +561,8 @@ def test_read_only_via_url_options(payments: str) -> None:
 
 
 def _indexes(dsn: str) -> list[str]:
-    names = _sync(
-        _fetchval(
+    names = sync(
+        fetchval(
             dsn,
             "SELECT coalesce(array_agg(indexname::text ORDER BY indexname), '{}') "
             "FROM pg_indexes WHERE tablename = 'payments'",
@@ -595,7 +573,7 @@ def _indexes(dsn: str) -> list[str]:
 
 @pytest.fixture
 def unindexed(dsn: str) -> str:
-    _sync(create_payments(dsn, rows=ROWS, index=False))
+    sync(create_payments(dsn, rows=ROWS, index=False))
     return dsn
 
 
@@ -613,11 +591,11 @@ UNUSABLE_INDEXES = {
 
 def test_no_usable_index(unindexed: str) -> None:
     for name, ddl in UNUSABLE_INDEXES.items():
-        _sync(create_payments(unindexed, table=f"p_{name}", rows=ROWS, index=False))
+        sync(create_payments(unindexed, table=f"p_{name}", rows=ROWS, index=False))
         if ddl:
-            _sync(_execute(unindexed, ddl.format(t=f"p_{name}")))
-    _sync(
-        _execute(
+            sync(execute(unindexed, ddl.format(t=f"p_{name}")))
+    sync(
+        execute(
             unindexed,
             "CREATE INDEX p_invalid_idx ON p_invalid (transaction_id)",
             "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'p_invalid_idx'::regclass",
@@ -653,8 +631,8 @@ def test_create_scan_index_apply(unindexed: str, keep_index: bool) -> None:
     result = invoke(*args)
     assert result.returncode == 0, result.stderr
     assert '"rows_renamed": 3' in result.stdout
-    remaining = _sync(
-        _fetchval(
+    remaining = sync(
+        fetchval(
             unindexed,
             "SELECT count(*) FROM (SELECT transaction_id FROM payments "
             "WHERE transaction_id IS NOT NULL GROUP BY 1 HAVING count(*) > 1) d",
@@ -665,8 +643,8 @@ def test_create_scan_index_apply(unindexed: str, keep_index: bool) -> None:
     built = [i for i in indexes if i.startswith("bulkdedupe_scan_")]
     if keep_index:
         assert len(built) == 1, indexes
-        valid = _sync(
-            _fetchval(
+        valid = sync(
+            fetchval(
                 unindexed,
                 "SELECT indisvalid FROM pg_index WHERE indexrelid = $1::regclass",
                 built[0],
@@ -708,8 +686,8 @@ def test_run_id_that_cannot_be_resumed(payments: str) -> None:
     """--run-id of a finished run, or of a run on another table: refused, nothing changed."""
     first = invoke("run", "--apply", "--run-id", "done-1", "-d", payments)
     assert first.returncode == 0, first.stderr
-    _sync(
-        _execute(
+    sync(
+        execute(
             payments,
             "CREATE TABLE other (id int PRIMARY KEY, transaction_id text)",
             "INSERT INTO other VALUES (1, 'o'), (2, 'o')",

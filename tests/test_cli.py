@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from bulkdedupe import __version__
 from bulkdedupe.cli import main
-from tests.helpers import REPO_ROOT, create_payments, fetch_keys, run_cli, table_checksum
+from tests.helpers import REPO_ROOT, create_payments, fetch, fetch_keys, run_cli, table_checksum
 
 pytestmark = pytest.mark.anyio
 
@@ -79,14 +79,6 @@ def password_as_parameter(url: str) -> str:
     user, _, password = userinfo.partition(":")
     query = f"{parts.query}&password={password}" if parts.query else f"password={password}"
     return urlunsplit(parts._replace(netloc=f"{user}@{hosts}", query=query))
-
-
-async def _fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return await conn.fetch(query, *args)
-    finally:
-        await conn.close()
 
 
 # --- version and help -------------------------------------------------------------------------
@@ -310,7 +302,7 @@ async def test_password_never_printed_logged_or_stored(dsn: str) -> None:
         assert secret not in output.stdout
         assert secret not in output.stderr
     # The runs table records where the run went, without the password.
-    rows = await _fetch(dsn, "SELECT r::text AS row FROM bulkdedupe.runs r")
+    rows = await fetch(dsn, "SELECT r::text AS row FROM bulkdedupe.runs r")
     assert len(rows) == 1
     assert secret not in rows[0]["row"]
     assert "***" in rows[0]["row"]
@@ -407,5 +399,5 @@ async def test_dry_run_writes_nothing_anywhere(dsn: str) -> None:
     assert result.returncode == 0, result.stderr
     assert "would be renamed" in result.stdout
     assert await table_checksum(dsn) == before
-    schemas = await _fetch(dsn, "SELECT 1 FROM pg_namespace WHERE nspname = 'bulkdedupe'")
+    schemas = await fetch(dsn, "SELECT 1 FROM pg_namespace WHERE nspname = 'bulkdedupe'")
     assert schemas == []

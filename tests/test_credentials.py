@@ -4,7 +4,6 @@ starts on 127.0.0.1); and the password never printed, logged or stored in the ru
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import pwd
@@ -17,16 +16,14 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-import asyncpg
 import pytest
 
 from benchmarks import pgserver
 from benchmarks.generate import quote_ident
 from bulkdedupe.config import redact_dsn
-from tests.helpers import REPO_ROOT, create_payments
+from tests.helpers import REPO_ROOT, create_payments, execute, fetch, sync
 
 EXIT_USAGE = 2
 EXIT_ENVIRONMENT = 3
@@ -38,27 +35,6 @@ RENAMES = 3
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _sync(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-async def _execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-async def _fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
 
 
 def forms(secret: str) -> list[str]:
@@ -99,7 +75,7 @@ def one_error_line(result: subprocess.CompletedProcess[str], code: int, *fragmen
 
 
 def stored_urls(admin_dsn: str) -> list[str]:
-    rows = _sync(_fetch(admin_dsn, "SELECT database_url FROM bulkdedupe.runs ORDER BY started_at"))
+    rows = sync(fetch(admin_dsn, "SELECT database_url FROM bulkdedupe.runs ORDER BY started_at"))
     return [r["database_url"] for r in rows]
 
 
@@ -214,7 +190,7 @@ def scram_server() -> Iterator[ScramServer]:
         admin = (
             f"postgresql://postgres:{quote(SUPERUSER_PASSWORD, safe='')}@127.0.0.1:{port}/postgres"
         )
-        _sync(_execute(admin, f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"))
+        sync(execute(admin, f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'"))
         yield ScramServer(port=port, admin_dsn=admin)
     finally:
         if started:
@@ -233,13 +209,13 @@ def scram_server() -> Iterator[ScramServer]:
 def creds_db(scram_server: ScramServer) -> Iterator[str]:
     """A fresh database owned by `app` on the scram server, with a payments table."""
     name = f"creds_{uuid.uuid4().hex[:10]}"
-    _sync(_execute(scram_server.admin_dsn, f"CREATE DATABASE {quote_ident(name)} OWNER app"))
+    sync(execute(scram_server.admin_dsn, f"CREATE DATABASE {quote_ident(name)} OWNER app"))
     try:
-        _sync(create_payments(scram_server.dsn(name), rows=ROWS))
+        sync(create_payments(scram_server.dsn(name), rows=ROWS))
         yield name
     finally:
-        _sync(
-            _execute(
+        sync(
+            execute(
                 scram_server.admin_dsn, f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)"
             )
         )
@@ -251,7 +227,7 @@ def creds_db(scram_server: ScramServer) -> Iterator[str]:
 def test_libpq_environment_alone_connects(dsn: str, tmp_path: Path) -> None:
     """No -d, no DATABASE_URL: PGHOST, PGPORT, PGUSER, PGDATABASE (and PGPASSWORD if the test
     server has one) are enough, as for psql; the run records where it ran, without a password."""
-    _sync(create_payments(dsn, rows=ROWS))
+    sync(create_payments(dsn, rows=ROWS))
     env = libpq_env(dsn)
     scan = cli("scan", "--format", "json", env=env, home=tmp_path)
     assert scan.returncode == 1, scan.stderr  # 1: duplicates found, so it did read the table
@@ -383,8 +359,8 @@ def test_wrong_password(scram_server: ScramServer, creds_db: str, tmp_path: Path
         assert_no_secret(result, wrong)
         assert "127.0.0.1" in line  # where it tried, so the operator can check
     # Nothing was written (not even the state schema).
-    rows = _sync(
-        _fetch(scram_server.dsn(creds_db), "SELECT to_regnamespace('bulkdedupe') IS NULL AS none")
+    rows = sync(
+        fetch(scram_server.dsn(creds_db), "SELECT to_regnamespace('bulkdedupe') IS NULL AS none")
     )
     assert rows[0]["none"]
 

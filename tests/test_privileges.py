@@ -4,7 +4,6 @@ privilege and the GRANT that fixes it, before anything changes."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import uuid
@@ -24,7 +23,9 @@ from benchmarks.generate import quote_ident
 from bulkdedupe import privileges, sql, state
 from bulkdedupe.cli import main
 from bulkdedupe.errors import PrivilegeError
-from tests.helpers import create_payments, fetch_keys, run_cli, table_checksum
+from tests.helpers import create_payments, fetch_keys, run_cli, sync, table_checksum
+from tests.helpers import execute as execute_async
+from tests.helpers import fetch as fetch_async
 
 EXIT_ENVIRONMENT = 3
 EXIT_USAGE = 2
@@ -37,33 +38,12 @@ RENAMES = 6
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _sync(coro: Any) -> Any:
-    return asyncio.run(coro)
-
-
-async def _execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for statement in statements:
-            await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
-async def _fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
-
-
 def execute(dsn: str, *statements: str) -> None:
-    _sync(_execute(dsn, *statements))
+    sync(execute_async(dsn, *statements))
 
 
 def fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    return list(_sync(_fetch(dsn, query, *args)))
+    return sync(fetch_async(dsn, query, *args))
 
 
 def dsn_as(dsn: str, user: str, password: str = ROLE_PASSWORD) -> str:
@@ -103,7 +83,7 @@ def snapshot(dsn: str) -> tuple[str, list[tuple[str, str]]]:
         """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') ORDER BY 1, 2""",
     )
-    return _sync(table_checksum(dsn)), [(r[0], r[1]) for r in relations]
+    return sync(table_checksum(dsn)), [(r[0], r[1]) for r in relations]
 
 
 def state_schema_exists(dsn: str, schema: str = "bulkdedupe") -> bool:
@@ -114,7 +94,7 @@ def assert_audit_equals_data(
     dsn: str, before: dict[int, str | None], run_id: str, *, renamed: int
 ) -> None:
     """Every changed row has exactly its audit row (old -> new) and vice versa."""
-    after = _sync(fetch_keys(dsn))
+    after = sync(fetch_keys(dsn))
     changed = {pk: (before[pk], after[pk]) for pk in before if before[pk] != after[pk]}
     audit = fetch(
         dsn, "SELECT pk, old_value, new_value FROM bulkdedupe.changes WHERE run_id = $1", run_id
@@ -131,7 +111,7 @@ def _reset_logging() -> Iterator[None]:
 
 @pytest.fixture
 def payments(dsn: str) -> str:
-    _sync(create_payments(dsn, rows=ROWS))
+    sync(create_payments(dsn, rows=ROWS))
     return dsn
 
 
@@ -263,7 +243,7 @@ async def _missing(dsn: str, st: sql.StateSql) -> list[sql.StateObject]:
 def test_ensure_schema_adds_only_what_is_missing(payments: str, role: str) -> None:
     execute(payments, invoke("init-state", "--print-sql", "--role", role).stdout)
     newer = _StateWithNewColumn("bulkdedupe")
-    assert _sync(_missing(payments, newer)) == [
+    assert sync(_missing(payments, newer)) == [
         sql.StateObject("column", "bulkdedupe", "runs", "note")
     ]
     # The role may not alter a table it does not own, even with CREATE on the schema: told
@@ -272,12 +252,12 @@ def test_ensure_schema_adds_only_what_is_missing(payments: str, role: str) -> No
     with pytest.raises(
         PrivilegeError, match=r"column bulkdedupe\.runs\.note.*must be owner.*init-state"
     ):
-        _sync(_ensure(dsn_as(payments, role), newer))
-    assert _sync(_missing(payments, newer))
+        sync(_ensure(dsn_as(payments, role), newer))
+    assert sync(_missing(payments, newer))
     # The owner (here the superuser) adds just that column; then the role works with it.
-    _sync(_ensure(payments, newer))
-    assert _sync(_missing(payments, newer)) == []
-    _sync(_ensure(dsn_as(payments, role), newer))
+    sync(_ensure(payments, newer))
+    assert sync(_missing(payments, newer)) == []
+    sync(_ensure(dsn_as(payments, role), newer))
 
 
 def test_dba_runs_the_printed_sql_then_a_least_privileged_role_dedupes(
@@ -303,7 +283,7 @@ def test_dba_runs_the_printed_sql_then_a_least_privileged_role_dedupes(
     assert not any(facts.values()), dict(facts)
 
     as_role = dsn_as(payments, role)
-    before = _sync(fetch_keys(payments))
+    before = sync(fetch_keys(payments))
     assert invoke("scan", "-d", as_role).returncode == 1  # duplicates found
     applied = invoke("run", "--apply", "--run-id", "least-1", "--format", "json", "-d", as_role)
     assert applied.returncode == 0, applied.stderr
@@ -320,7 +300,7 @@ def test_dba_runs_the_printed_sql_then_a_least_privileged_role_dedupes(
     assert len(report.stdout.splitlines()) == 1 + RENAMES
     undone = invoke("undo", "--run-id", "least-1", "--apply", "-d", as_role)
     assert undone.returncode == 0, undone.stderr
-    assert _sync(fetch_keys(payments)) == before
+    assert sync(fetch_keys(payments)) == before
 
 
 def test_psql_runs_the_printed_sql(payments: str, role: str, tmp_path: Path) -> None:
@@ -435,7 +415,7 @@ def test_create_on_the_database_is_enough_to_make_the_schema(payments: str, role
         f"GRANT SELECT, UPDATE (transaction_id) ON payments TO {quote_ident(role)}",
         f"GRANT CREATE ON DATABASE {quote_ident(database_of(payments))} TO {quote_ident(role)}",
     )
-    before = _sync(fetch_keys(payments))
+    before = sync(fetch_keys(payments))
     applied = invoke("run", "--apply", "--run-id", "own-1", "-d", dsn_as(payments, role))
     assert applied.returncode == 0, applied.stderr
     assert_audit_equals_data(payments, before, "own-1", renamed=RENAMES)

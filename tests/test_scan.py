@@ -20,22 +20,13 @@ from bulkdedupe.db import pool
 from bulkdedupe.scanner import plan_ranges, scan_range
 from bulkdedupe.sql import LowerBound
 from tests.factories import duplicate_groups, expected_plan, shuffled, state_schema_exists
-from tests.helpers import create_payments, run_cli, table_checksum
+from tests.helpers import create_payments, execute, run_cli, table_checksum
 
 pytestmark = pytest.mark.anyio
 
 
 def _cfg(dsn: str) -> ConnectConfig:
     return ConnectConfig(database_url=dsn)
-
-
-async def _execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for s in statements:
-            await conn.execute(s)
-    finally:
-        await conn.close()
 
 
 def _random_layout(seed: int, keys: int, singles: int, nulls: int) -> dict[str | None, int]:
@@ -75,7 +66,7 @@ async def test_keyset_scan_page_uses_the_key_index(dsn: str) -> None:
     layout: dict[str | None, int] = {f"tx-{i:06d}": 1 + (i % 7 == 0) for i in range(18_000)}
     layout[None] = 500
     await create_payments(dsn, rows=shuffled(layout, seed=1))
-    await _execute(dsn, "VACUUM ANALYZE payments")
+    await execute(dsn, "VACUUM ANALYZE payments")
     keys = sorted(k for k in layout if k is not None)
     lo, cursor, hi = keys[2_000], keys[6_000], keys[12_000]
     page = 500  # pages are small slices of a big table
@@ -145,7 +136,7 @@ async def test_several_scanners_find_exactly_the_groups_of_one(dsn: str) -> None
     collation = await _linguistic_collation(dsn)
     key_type = f'varchar(64) COLLATE "{collation}"' if collation else "varchar(64)"
     await create_payments(dsn, rows=shuffled(layout, seed=8), key_type=key_type)
-    await _execute(dsn, "ANALYZE payments")
+    await execute(dsn, "ANALYZE payments")
     truth = await duplicate_groups(dsn)
     cfg = _cfg(dsn)
 
@@ -188,7 +179,7 @@ async def test_group_straddling_page_boundaries_is_counted_once(dsn: str, scanne
     layout |= {f"g{i:02d}x": 1 for i in range(0, 30, 3)}  # singles between some groups
     layout |= {"g99": 12, "a": 2, None: 4}
     await create_payments(dsn, rows=shuffled(layout, seed=9))
-    await _execute(dsn, "ANALYZE payments")
+    await execute(dsn, "ANALYZE payments")
     truth = await duplicate_groups(dsn)
     cfg = _cfg(dsn)
 
