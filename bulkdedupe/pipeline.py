@@ -565,7 +565,12 @@ async def run(
                     )
                     if run_lock is not None:
                         await run_lock.release()
-            if created_index and (status == "completed") and not run_cfg.keep_scan_index:
+            if (
+                created_index
+                and status == "completed"
+                and not run_cfg.keep_scan_index
+                and not control_lost
+            ):
                 with anyio.CancelScope(shield=True), anyio.move_on_after(60):
                     await control.execute(sql.drop_index_concurrently(target.schema, created_index))
             if control_lost:
