@@ -6,7 +6,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from bulkdedupe.config import (
@@ -285,6 +285,10 @@ def test_redact_dsn_never_leaks_the_password(
     password: str, host: str, query: str, user: str
 ) -> None:
     encoded = quote(password, safe="")
+    # A password that is a substring of what may be shown anyway ("data" in "database_url",
+    # "db" in the host) proves nothing either way.
+    shown = repr(ConnectConfig(database_url=f"postgresql://{user}:@{host}/payments_db{query}"))
+    assume(password not in shown and encoded not in shown)
     dsn = f"postgresql://{user}:{encoded}@{host}/payments_db{query}"
     out = redact_dsn(dsn)
     assert encoded not in out
