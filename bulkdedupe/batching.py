@@ -6,7 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GROWTH = 1.2  # at most x1.2 a step: growth is gradual...
-SMOOTHING = 0.3  # weight of the newest observation in the moving average
+# The per-row time is tracked the way TCP tracks round trips (Jacobson/Karels): a smoothed mean
+# and a smoothed mean deviation. Sizing for mean + 3 deviations keeps the slow batches, not the
+# average one, under the target: on a busy server the spread is what breaks a time budget.
+MEAN_GAIN = 0.125
+DEVIATION_GAIN = 0.25
+DEVIATIONS = 3.0
 
 
 @dataclass
@@ -21,6 +26,7 @@ class BatchSizer:
     maximum: int
     size: int = 0
     seconds_per_row: float | None = None
+    deviation: float = 0.0
 
     def __post_init__(self) -> None:
         self.minimum = max(1, min(self.minimum, self.maximum))
@@ -36,10 +42,12 @@ class BatchSizer:
             return
         rate = seconds / rows
         if self.seconds_per_row is None:
-            self.seconds_per_row = rate
+            self.seconds_per_row, self.deviation = rate, rate / 2
         else:
-            self.seconds_per_row = SMOOTHING * rate + (1 - SMOOTHING) * self.seconds_per_row
-        ideal = self.target / self.seconds_per_row
+            error = rate - self.seconds_per_row
+            self.deviation += DEVIATION_GAIN * (abs(error) - self.deviation)
+            self.seconds_per_row += MEAN_GAIN * error
+        ideal = self.target / (self.seconds_per_row + DEVIATIONS * self.deviation)
         if seconds > self.target:
             # too slow: size for the observed rate at once, not for the average
             ideal = min(ideal, self.target / rate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -65,3 +66,20 @@ def test_failure_halves_and_fixed_mode_never_changes() -> None:
     fixed.observe(500, 100.0)
     fixed.failed()
     assert fixed.size == 500
+
+
+def test_noisy_batches_mostly_stay_under_the_target() -> None:
+    """With per-row times that vary (a busy server), the sizer keeps most batches under the
+    target, not just the average one."""
+    rng = random.Random(7)
+    sizer = BatchSizer(target=0.25, minimum=10, maximum=5000)
+    over = 0
+    steps = 2000
+    for step in range(steps):
+        rate = 0.0002 * rng.lognormvariate(0, 0.35)  # ~0.2 ms a row, +-35 %
+        seconds = sizer.size * rate
+        if step >= 200 and seconds > 0.25:  # after warm-up
+            over += 1
+        sizer.observe(sizer.size, seconds)
+    assert over / (steps - 200) < 0.06  # the mean alone would put about half of them over
+    assert sizer.size > 400  # and it did not shrink to nothing to get there
