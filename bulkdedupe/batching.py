@@ -12,6 +12,9 @@ GROWTH = 1.2  # at most x1.2 a step: growth is gradual...
 MEAN_GAIN = 0.125
 DEVIATION_GAIN = 0.25
 DEVIATIONS = 3.0
+# Aim a little below the target: spikes the per-row statistics cannot see (a checkpoint's
+# full-page writes, a commit's fsync) land on top of the planned time.
+HEADROOM = 0.8
 
 
 @dataclass
@@ -47,7 +50,7 @@ class BatchSizer:
             error = rate - self.seconds_per_row
             self.deviation += DEVIATION_GAIN * (abs(error) - self.deviation)
             self.seconds_per_row += MEAN_GAIN * error
-        ideal = self.target / (self.seconds_per_row + DEVIATIONS * self.deviation)
+        ideal = HEADROOM * self.target / (self.seconds_per_row + DEVIATIONS * self.deviation)
         if seconds > self.target:
             # too slow: size for the observed rate at once, not for the average
             ideal = min(ideal, self.target / rate)
