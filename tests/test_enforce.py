@@ -26,7 +26,7 @@ from bulkdedupe import (
     verify,
 )
 from bulkdedupe.enforce import default_index_name
-from tests.helpers import create_payments, fetch_keys, run_cli, table_checksum
+from tests.helpers import create_payments, execute, fetch, fetch_keys, run_cli, table_checksum
 
 pytestmark = pytest.mark.anyio
 
@@ -34,23 +34,6 @@ INDEX = "payments_transaction_id_key"
 # Two groups (a x2, c x3), a singleton and NULLs (never duplicates): 3 rows to rename.
 ROWS = [("a",), ("a",), ("b",), (None,), ("c",), ("c",), ("c",), (None,)]
 DEDUPE = RunConfig(apply=True, batch_size=2, concurrency=2, scan=ScanConfig(page_size=3))
-
-
-async def fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
-
-
-async def execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for s in statements:
-            await conn.execute(s)
-    finally:
-        await conn.close()
 
 
 async def index_row(dsn: str, name: str = INDEX) -> asyncpg.Record | None:

@@ -12,10 +12,7 @@ from __future__ import annotations
 import json
 import random
 import signal
-import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -27,6 +24,7 @@ import pytest
 from anyio.abc import Process
 
 from benchmarks.generate import GenSpec, generate
+from tests.faults_support import cli, cli_args, output, spawn
 from tests.helpers import REPO_ROOT, fetch_keys
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -35,37 +33,6 @@ EXIT_INTERRUPTED = 130
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def cli_args(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bulkdedupe", *args]
-
-
-@asynccontextmanager
-async def spawn(tmp_path: Path, name: str, *args: str) -> AsyncIterator[Process]:
-    """`python -m bulkdedupe ARGS` in the background, output to files (never a full pipe);
-    killed on the way out if the test left it running."""
-    with (
-        (tmp_path / f"{name}.out").open("w") as out,
-        (tmp_path / f"{name}.err").open("w") as err,
-    ):
-        async with await anyio.open_process(
-            cli_args(*args), stdout=out, stderr=err, cwd=REPO_ROOT
-        ) as proc:
-            try:
-                yield proc
-            finally:
-                if proc.returncode is None:
-                    proc.kill()
-
-
-def output(tmp_path: Path, name: str) -> tuple[str, str]:
-    return (tmp_path / f"{name}.out").read_text(), (tmp_path / f"{name}.err").read_text()
-
-
-async def cli(*args: str) -> tuple[int, str, str]:
-    result = await anyio.run_process(cli_args(*args), check=False, cwd=REPO_ROOT)
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
 
 
 async def changes_count(conn: asyncpg.Connection, run_id: str | None = None) -> int:

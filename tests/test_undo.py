@@ -8,9 +8,7 @@ Table state is compared with plain SQL checksums and reads, never with undo's ow
 from __future__ import annotations
 
 import json
-from typing import Any
 
-import asyncpg
 import pytest
 
 from bulkdedupe import (
@@ -24,7 +22,7 @@ from bulkdedupe import (
     run,
     undo,
 )
-from tests.helpers import create_payments, fetch_keys, run_cli, table_checksum
+from tests.helpers import create_payments, execute, fetch, fetch_keys, run_cli, table_checksum
 
 pytestmark = pytest.mark.anyio
 
@@ -49,23 +47,6 @@ ROWS = [
     ("solo",),
     ("a ",),
 ]
-
-
-async def fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return list(await conn.fetch(query, *args))
-    finally:
-        await conn.close()
-
-
-async def execute(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for s in statements:
-            await conn.execute(s)
-    finally:
-        await conn.close()
 
 
 async def runs_count(dsn: str) -> int:
