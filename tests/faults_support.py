@@ -142,11 +142,17 @@ async def blocked_by(conn: asyncpg.Connection, pid: int, *, exclude: set[int]) -
 
 
 async def check_audit(
-    conn: asyncpg.Connection, baseline: dict[int, str | None], *, schema: str = "bulkdedupe"
+    conn: asyncpg.Connection,
+    baseline: dict[int, str | None],
+    *,
+    schema: str = "bulkdedupe",
+    deletions: bool = False,
 ) -> int:
     """Audit == data, read in one snapshot: every row whose key differs from `baseline` (each
-    row's key before any run) has exactly one audit row saying old -> new, and every audit row
-    describes such a change. Returns the number of rows changed."""
+    row's key before any run; for rows inserted meanwhile, the key they were inserted with) has
+    exactly one audit row saying old -> new, and every audit row describes such a change.
+    `deletions`: rows may have been deleted by the application meanwhile. Returns the number of
+    rows changed."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         current = {
             r["id"]: r["k"]
@@ -167,6 +173,8 @@ async def check_audit(
             problems.append(f"audit row for unknown row {pk}: {entries}")
         elif len(entries) != 1:
             problems.append(f"row {pk} has {len(entries)} audit rows: {entries}")
+        elif entries[0][0] != baseline[pk]:
+            problems.append(f"row {pk}: audit old value {entries[0]} but it was {baseline[pk]!r}")
     changed = 0
     for pk, key in current.items():
         if pk not in baseline:
@@ -179,7 +187,7 @@ async def check_audit(
                 problems.append(f"row {pk}: {baseline[pk]!r} -> {key!r} but audit says {entries}")
         elif entries:
             problems.append(f"row {pk} unchanged ({key!r}) but audit says {entries}")
-    if baseline.keys() - current.keys():
+    if not deletions and baseline.keys() - current.keys():
         problems.append(f"rows vanished: {sorted(baseline.keys() - current.keys())[:10]}")
     assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} problems)"
     return changed
