@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -18,7 +17,7 @@ import asyncpg
 import structlog
 from anyio.abc import ObjectReceiveStream
 
-from . import catalog, db, sql, state
+from . import catalog, db, signals, sql, state
 from .batching import BatchSizer, lock_ceiling
 from .catalog import Target
 from .config import MAX_CONCURRENCY, ConnectConfig, RunConfig, ScanConfig, redact_dsn
@@ -498,16 +497,6 @@ async def run(
                     stop.set()
                     return
 
-        async def watch_signals() -> None:
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.warning(
-                        "signal received: finishing in-flight batches, then stopping",
-                        signal=signal.Signals(signum).name,
-                    )
-                    stop.set()
-                    return
-
         async def stop_when_asked(scope: anyio.CancelScope) -> None:
             await stop.wait()
             # Stop taking work: cancel the scan, drop what waits in the spool (the checkpoint
@@ -523,7 +512,7 @@ async def run(
                 if apply:
                     outer.start_soon(save_checkpoints)
                 if handle_signals:
-                    outer.start_soon(watch_signals)
+                    outer.start_soon(signals.set_on_signal, stop)
                 async with anyio.create_task_group() as work:
                     producer_scope = anyio.CancelScope()
 

@@ -487,7 +487,6 @@ SELECT $4, u.pk::text, u.old::text, u.new::text FROM u"""
 SET_BATCH_TIMEOUTS = (
     "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)"
 )
-SET_SESSION_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, false)"
 
 
 # --- enforce: the unique index, its constraint, the proof ----------------------------------

@@ -31,14 +31,9 @@ RETRYABLE: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
     asyncpg.QueryCanceledError,  # statement_timeout
-    asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,  # pg_terminate_backend, server shutting down
-    asyncpg.CrashShutdownError,  # another backend crashed: the server restarts
-    asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
-    asyncpg.InterfaceError,  # connection closed under us
-    OSError,
     TimeoutError,
+    *CONNECTION_LOST,  # pg_terminate_backend, a restart, a closed socket
 )
 
 # Failures that belong to the rows of one group (a CHECK constraint, a trigger refusing the new
@@ -86,10 +81,6 @@ class WorkItem:
     def __reduce__(self) -> tuple[type[WorkItem], tuple[int, int, tuple[Group, ...], str | None]]:
         # spooled to disk: pickle as a plain tuple, not through dataclasses.fields()
         return (WorkItem, (self.range_index, self.seq, self.groups, self.last_key))
-
-    @property
-    def expected_renames(self) -> int:
-        return sum(g.count - 1 for g in self.groups)
 
 
 class Rename(NamedTuple):
