@@ -611,7 +611,7 @@ TOP_STATEMENTS_SQL: Final = f"""
            rows, shared_blks_hit, shared_blks_read, shared_blks_dirtied, wal_bytes::bigint
     FROM {PGSS}
     WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND query NOT LIKE '%pg_stat_activity%' AND query NOT LIKE '%pg_current_wal_lsn%'
+      AND query NOT LIKE '%pg_stat_activity%' AND query NOT LIKE '%pg_current_wal_insert_lsn%'
     ORDER BY total_exec_time DESC
     LIMIT 8
 """
@@ -640,8 +640,8 @@ async def top_statements(dsn: str) -> list[dict[str, Any]]:
 
 
 async def wal_lsn(conn: asyncpg.Connection) -> int:
-    """The current WAL position in bytes (pg_current_wal_lsn, as a number)."""
-    return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')"))
+    """The WAL insert position in bytes: WAL generated so far, written out or not."""
+    return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')"))
 
 
 @dataclass(kw_only=True)

@@ -341,9 +341,11 @@ WHERE backend_type = 'client backend' AND state IN ('active', 'fastpath function
   AND pid <> pg_backend_pid() AND application_name IS DISTINCT FROM $1
 """
 
-# The WAL position in bytes (sampled: the rate is the difference over time).
+# The WAL position in bytes (sampled: the rate is the difference over time). On a primary the
+# insert position: WAL generated, whether or not it has been written out yet (with
+# synchronous_commit=off pg_current_wal_lsn() moves only when the WAL writer wakes).
 HEALTH_WAL_POSITION = """
-SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn()
+SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_insert_lsn()
         END - '0/0'::pg_lsn)::bigint
 """
 
