@@ -2,8 +2,9 @@
 
     python -m benchmarks.baselines one-statement -d DSN   # one UPDATE in one transaction
     python -m benchmarks.baselines per-row -d DSN [--max-seconds S] [--max-rows N]
+    python -m benchmarks.baselines batched -d DSN [--concurrency N] [--batch-size N]
 
-Both keep the lowest id of each group and rename the others to ``{value}-{id}``, exactly as
+All keep the lowest id of each group and rename the others to ``{value}-{id}``, exactly as
 ``bulkdedupe run`` does with its defaults, so every method must end with the same table. Each
 prints one JSON object on stdout with the fields of bulkdedupe's run summary it can fill.
 """
@@ -24,7 +25,7 @@ import asyncpg
 
 from benchmarks.generate import quote_ident, quote_table
 
-__all__ = ["BaselineResult", "one_statement", "per_row", "percentile"]
+__all__ = ["BaselineResult", "batched", "one_statement", "per_row", "percentile"]
 
 APPLICATION_NAME: Final = "bench-baseline"
 
@@ -50,7 +51,8 @@ class BaselineResult:
     # extrapolated from its measured rate and `extrapolated` says so.
     extrapolated: bool = False
     estimated_duration_s: float = 0.0
-    # Transactions: one for the single UPDATE, one per row for the per-row script.
+    # Transactions: one for the single UPDATE, one per row for the per-row script, one per batch
+    # for the batched floor.
     transactions: int = 0
     txn_ms_p50: float = 0.0
     txn_ms_p99: float = 0.0
@@ -165,15 +167,97 @@ async def per_row(
     return result
 
 
+async def batched(
+    dsn: str,
+    *,
+    table: str = "payments",
+    key: str = "transaction_id",
+    pk: str = "id",
+    concurrency: int = 4,
+    batch_size: int = 1000,
+) -> BaselineResult:
+    """The floor of any batched, audited fix: the per-row script's GROUP BY, then the renames in
+    key order as `batch_size`-row transactions on `concurrency` connections, each one
+    `UPDATE ... FROM unnest(...)` that writes its audit rows in the same statement. No advisory
+    locks, no re-read, no check of the new values: unsafe on a live table, and so the least
+    work an online tool that does those things can hope to do. It shows how much of
+    bulkdedupe's time is the server's own cost of the renames (WAL, full-page images, buffer
+    writes) rather than the tool's."""
+    t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
+    audit = quote_ident("bench_batched_audit")
+    settings = {"application_name": APPLICATION_NAME}
+    conn = await asyncpg.connect(dsn, server_settings=settings)
+    try:
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {audit} (id bigserial PRIMARY KEY, pk bigint NOT NULL, "
+            "old_value text NOT NULL, new_value text NOT NULL, "
+            "changed_at timestamptz NOT NULL DEFAULT now())"
+        )
+        began = time.monotonic()
+        groups = await conn.fetch(
+            f"SELECT {k} AS k, array_agg({p} ORDER BY {p}) AS ids FROM {t} "
+            f"WHERE {k} IS NOT NULL GROUP BY {k} HAVING count(*) > 1 ORDER BY {k}"
+        )
+        scan_s = time.monotonic() - began
+        todo = [(pk_, g["k"]) for g in groups for pk_ in g["ids"][1:]]
+        del groups
+        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        statement = f"""
+            WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS v(pk, old)),
+            u AS (
+                UPDATE {t} AS t SET {k} = v.old || '-' || v.pk FROM v
+                WHERE t.{p} = v.pk AND t.{k} = v.old
+                RETURNING t.{p} AS pk, v.old, t.{k} AS new
+            )
+            INSERT INTO {audit} (pk, old_value, new_value) SELECT pk, old, new FROM u"""
+        latencies: list[float] = []
+        renamed = 0
+        queue = iter(batches)
+
+        async def work() -> None:
+            nonlocal renamed
+            c = await asyncpg.connect(dsn, server_settings=settings)
+            try:
+                for batch in queue:
+                    t0 = time.monotonic()
+                    async with c.transaction():
+                        status = await c.execute(
+                            statement, [r[0] for r in batch], [r[1] for r in batch]
+                        )
+                    latencies.append((time.monotonic() - t0) * 1000)
+                    renamed += int(status.rsplit(" ", 1)[-1])
+            finally:
+                await c.close()
+
+        await asyncio.gather(*(work() for _ in range(concurrency)))
+        seconds = time.monotonic() - began
+    finally:
+        await conn.close()
+    return BaselineResult(
+        method="batched",
+        rows_renamed=renamed,
+        rows_to_rename=len(todo),
+        duration_s=round(seconds, 3),
+        estimated_duration_s=round(seconds, 3),
+        transactions=len(latencies),
+        txn_ms_p50=round(percentile(latencies, 50), 2),
+        txn_ms_p99=round(percentile(latencies, 99), 2),
+        txn_ms_max=round(max(latencies, default=0.0), 2),
+        scan_ms=round(scan_s * 1000, 1),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__)
-    parser.add_argument("method", choices=["one-statement", "per-row"])
+    parser.add_argument("method", choices=["one-statement", "per-row", "batched"])
     parser.add_argument("-d", "--dsn", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--table", default="payments")
     parser.add_argument("--key", default="transaction_id")
     parser.add_argument("--pk", default="id")
     parser.add_argument("--max-seconds", type=float, default=None, help="per-row: stop after")
     parser.add_argument("--max-rows", type=int, default=None, help="per-row: stop after")
+    parser.add_argument("--concurrency", type=int, default=4, help="batched: connections")
+    parser.add_argument("--batch-size", type=int, default=1000, help="batched: rows a txn")
     args = parser.parse_args(argv)
     if not args.dsn:
         parser.error("no DSN: pass -d/--dsn or set DATABASE_URL")
@@ -181,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.method == "one-statement":
             result = asyncio.run(one_statement(args.dsn, **names))
+        elif args.method == "batched":
+            result = asyncio.run(
+                batched(args.dsn, **names, concurrency=args.concurrency, batch_size=args.batch_size)
+            )
         else:
             result = asyncio.run(
                 per_row(args.dsn, **names, max_seconds=args.max_seconds, max_rows=args.max_rows)

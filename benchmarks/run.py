@@ -111,7 +111,7 @@ def with_database(dsn: str, database: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Method:
-    kind: str  # "idle" | "one-statement" | "bulkdedupe" | "per-row"
+    kind: str  # "idle" | "one-statement" | "bulkdedupe" | "batched" | "per-row"
     concurrency: int | None = None
     batch_size: int | None = None
     # The idle baseline runs first and last: the noise of a shared machine shows in the gap.
@@ -121,6 +121,8 @@ class Method:
     def label(self) -> str:
         if self.kind == "idle":
             return "idle (after)" if self.after else "idle"
+        if self.kind == "batched":
+            return f"batched floor c{self.concurrency} b{self.batch_size}"
         if self.kind != "bulkdedupe":
             return self.kind
         tag = f"bulkdedupe c{self.concurrency} b{self.batch_size}"
@@ -178,6 +180,12 @@ def build_suite(args: argparse.Namespace) -> Suite:
             configs = defaults  # scaling points: the defaults against the one-statement fix
         methods = [Method(kind="idle"), Method(kind="one-statement")]
         methods += [Method(kind="bulkdedupe", concurrency=c, batch_size=b) for c, b in configs]
+        if not args.no_batched:
+            methods.append(
+                Method(
+                    kind="batched", concurrency=DEFAULT_CONCURRENCY, batch_size=DEFAULT_BATCH_SIZE
+                )
+            )
         if not args.no_per_row and rows < HUGE_ROWS:
             methods.append(Method(kind="per-row"))
         methods.append(Method(kind="idle", after=True))
@@ -463,6 +471,11 @@ def _argv(method: Method, dsn: str, suite: Suite) -> list[str]:
     py = sys.executable
     if method.kind == "one-statement":
         return [py, "-m", "benchmarks.baselines", "one-statement", "-d", dsn]
+    if method.kind == "batched":
+        return [
+            *(py, "-m", "benchmarks.baselines", "batched", "-d", dsn),
+            *("--concurrency", str(method.concurrency), "--batch-size", str(method.batch_size)),
+        ]
     if method.kind == "per-row":
         argv = [py, "-m", "benchmarks.baselines", "per-row", "-d", dsn]
         argv += ["--max-seconds", str(suite.per_row_max_seconds)]
@@ -937,6 +950,11 @@ def parser() -> argparse.ArgumentParser:
         help="bulkdedupe configurations, e.g. c4b1000,c1b100 (all sizes)",
     )
     p.add_argument("--no-per-row", action="store_true", help="skip the per-row script")
+    p.add_argument(
+        "--no-batched",
+        action="store_true",
+        help="skip the batched floor (unlocked batched UPDATEs with audit, no checks)",
+    )
     p.add_argument(
         "--per-row-max-seconds",
         type=float,

@@ -59,9 +59,9 @@ def test_bench_harness_end_to_end(dsn: str, tmp_path: Path) -> None:
     assert expected > 100
 
     by_method = {r["method"]: r for r in results["methods"]}
-    assert set(by_method) == {"idle", "one-statement", "bulkdedupe", "per-row"}
+    assert set(by_method) == {"idle", "one-statement", "bulkdedupe", "batched", "per-row"}
     assert by_method["idle"]["oltp"]["requests"] > 0
-    for name in ("one-statement", "bulkdedupe", "per-row"):
+    for name in ("one-statement", "bulkdedupe", "batched", "per-row"):
         r = by_method[name]
         assert r["correctness"]["passed"], (name, r["correctness"], r.get("error"))
         for figure in (
@@ -85,6 +85,10 @@ def test_bench_harness_end_to_end(dsn: str, tmp_path: Path) -> None:
     assert bulk["rows_renamed"] == expected
     assert bulk["scan_rows_per_s"] > 0
     assert bulk["longest_scan_ms"] is not None
+    floor = by_method["batched"]
+    assert floor["rows_renamed"] == expected
+    assert floor["transactions"] == -(-expected // 1000)  # 1000-row batches
+    assert not floor["extrapolated"]
     # Capped by --per-row-max-rows: the rest is extrapolated, and said so.
     per_row = by_method["per-row"]
     assert per_row["rows_renamed"] == 100
