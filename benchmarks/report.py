@@ -325,6 +325,12 @@ def markdown(results: dict[str, Any]) -> str:
         "- Time vs 1-stmt: the method's time over the one-statement UPDATE's in the same run. "
         "WAL excludes the OLTP load's own (its idle rate times the method's duration).",
     ]
+    extra = p.get("bulkdedupe_extra_args")
+    if extra:
+        lines.append(
+            "- Every bulkdedupe run also had `" + " ".join(extra) + '` (so "defaults" below '
+            "means the default concurrency and batch size with these options)."
+        )
     for ds in results["datasets"]:
         s = ds["stats"]
         lines += [
