@@ -9,7 +9,7 @@ from typing import Any
 from . import sql
 from .config import ConnectConfig, Name, OrderItem
 from .db import Conn
-from .errors import PrivilegeError, ReadOnlyError, TargetError
+from .errors import PrivilegeError, ReadOnlyError, TargetError, UsageError
 
 TEXT_TYPES = {"text", "varchar", "bpchar"}
 
@@ -83,6 +83,44 @@ async def server_info(conn: Conn) -> ServerInfo:
         database=row["database"],
         lock_slots=row["lock_slots"],
     )
+
+
+# --wal-compression auto: the fast methods only; pglz saves WAL but costs the server CPU.
+AUTO_WAL_COMPRESSION = ("lz4", "zstd")
+
+
+async def wal_compression(conn: Conn, requested: str, version_num: int) -> str | None:
+    """The `wal_compression` the batches set for themselves, or None to leave the server's.
+
+    Nearly all the WAL of a run is full-page images of the pages it renames in (see
+    docs/production.md); compressing them is the biggest saving a run can make on its own.
+    `auto` compresses with lz4 (or zstd) when the server has it, does not compress already and
+    this role may set it; an explicit method must be possible, else the run is refused."""
+    if requested == "server":
+        return None
+    row = await conn.fetchrow(sql.WAL_COMPRESSION)
+    assert row is not None
+    methods = set(row["methods"] or ())
+    allowed = bool(row["superuser"])
+    if not allowed and version_num >= 150000:
+        allowed = bool(await conn.fetchval(sql.WAL_COMPRESSION_GRANTED))
+    if requested == "auto":
+        if row["current"] != "off" or not allowed:
+            return None
+        return next((m for m in AUTO_WAL_COMPRESSION if m in methods), None)
+    if requested not in methods:
+        have = ", ".join(sorted(methods - {"on", "off"})) or "none (before PostgreSQL 15)"
+        raise UsageError(
+            f"--wal-compression {requested}: this server does not offer it (it has: {have}); "
+            "use --wal-compression auto or server"
+        )
+    if not allowed:
+        raise UsageError(
+            f"--wal-compression {requested}: role {row['role']} may not "
+            "set wal_compression (superuser, or PostgreSQL 15+: GRANT SET ON PARAMETER "
+            "wal_compression TO <role>); use --wal-compression auto or server"
+        )
+    return requested
 
 
 def _array_safe_type(column: Any) -> str:

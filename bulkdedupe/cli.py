@@ -36,6 +36,8 @@ from .config import (
     DEFAULT_TABLE,
     DEFAULT_TEMPLATE,
     DEFAULT_TOP,
+    DEFAULT_WAL_COMPRESSION,
+    WAL_COMPRESSION_CHOICES,
     ConnectConfig,
     EnforceConfig,
     RunConfig,
@@ -185,6 +187,16 @@ def batch_transaction_options(f: F) -> F:
             default=DEFAULT_MAX_RETRIES,
             show_default=True,
             help="Retries of a batch on lock timeout, deadlock or lost connection.",
+        ),
+        click.option(
+            "--wal-compression",
+            type=click.Choice(WAL_COMPRESSION_CHOICES),
+            default=DEFAULT_WAL_COMPRESSION,
+            show_default=True,
+            help="How the batches compress the full-page images they write to WAL (most of a "
+            "run's WAL). auto: lz4 or zstd when the server has it, is not compressing already "
+            "and the role may set it (superuser or GRANT SET ON PARAMETER); server: leave the "
+            "server's setting.",
         ),
     ]
     for opt in reversed(opts):
@@ -500,6 +512,7 @@ def run(
     lock_timeout: float,
     statement_timeout: float,
     max_retries: int,
+    wal_compression: str,
     create_scan_index: bool,
     keep_scan_index: bool,
     scan_page_size: int,
@@ -527,6 +540,7 @@ def run(
         lock_timeout=lock_timeout,
         statement_timeout=statement_timeout,
         max_retries=max_retries,
+        wal_compression=wal_compression,
         create_scan_index=create_scan_index,
         keep_scan_index=keep_scan_index,
         throttle=make_throttle(kw),
@@ -662,6 +676,7 @@ def undo(
     lock_timeout: float,
     statement_timeout: float,
     max_retries: int,
+    wal_compression: str,
     fmt: str,
     **kw: Any,
 ) -> int:
@@ -675,6 +690,7 @@ def undo(
         lock_timeout=lock_timeout,
         statement_timeout=statement_timeout,
         max_retries=max_retries,
+        wal_compression=wal_compression,
     )
     summary = run_async(lambda: undo_run(cfg, ucfg, handle_signals=True))
     emit(summary, fmt)

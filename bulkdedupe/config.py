@@ -27,6 +27,8 @@ DEFAULT_STATEMENT_TIMEOUT = 30.0
 DEFAULT_SCAN_PAGE_SIZE = 20_000
 DEFAULT_SCANNERS = 2
 DEFAULT_MAX_RETRIES = 5
+DEFAULT_WAL_COMPRESSION = "auto"
+WAL_COMPRESSION_CHOICES = ("auto", "server", "lz4", "zstd", "pglz")
 DEFAULT_TOP = 10
 APPLICATION_NAME = "bulkdedupe"
 
@@ -332,6 +334,13 @@ class ThrottleConfig:
         )
 
 
+def _check_wal_compression(value: str) -> None:
+    if value not in WAL_COMPRESSION_CHOICES:
+        raise UsageError(
+            f"--wal-compression {value!r}: use one of {', '.join(WAL_COMPRESSION_CHOICES)}"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Options of `bulkdedupe run`."""
@@ -348,6 +357,8 @@ class RunConfig:
     output: Path | None = None
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+    # auto | server | lz4 | zstd | pglz: how the batches compress their full-page images
+    wal_compression: str = DEFAULT_WAL_COMPRESSION
     max_retries: int = DEFAULT_MAX_RETRIES
     create_scan_index: bool = False
     keep_scan_index: bool = False
@@ -373,6 +384,7 @@ class RunConfig:
             raise UsageError("--max-retries must be 0 or more")
         if self.lock_timeout <= 0 or self.statement_timeout <= 0:
             raise UsageError("--lock-timeout and --statement-timeout must be greater than zero")
+        _check_wal_compression(self.wal_compression)
         if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.run_id):
             raise UsageError(
                 f"--run-id {self.run_id!r}: use 1-64 letters, digits, '_', '-', '.', ':'"
@@ -427,6 +439,7 @@ class UndoConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+    wal_compression: str = DEFAULT_WAL_COMPRESSION
     max_retries: int = DEFAULT_MAX_RETRIES
     sample_size: int = 10
 
@@ -441,3 +454,4 @@ class UndoConfig:
             raise UsageError("--max-retries must be 0 or more")
         if self.lock_timeout <= 0 or self.statement_timeout <= 0:
             raise UsageError("--lock-timeout and --statement-timeout must be greater than zero")
+        _check_wal_compression(self.wal_compression)

@@ -299,10 +299,13 @@ async def run(
     ):
         target = await _resolve(control, cfg, run_cfg.keep, write=apply)
         ceiling = run_cfg.batch_size
+        wal_method: str | None = None
         if apply:
-            lock_cap = lock_ceiling(
-                (await catalog.server_info(control)).lock_slots, run_cfg.concurrency
+            info = await catalog.server_info(control)
+            wal_method = await catalog.wal_compression(
+                control, run_cfg.wal_compression, info.version_num
             )
+            lock_cap = lock_ceiling(info.lock_slots, run_cfg.concurrency)
             if lock_cap < ceiling:
                 # "out of shared memory" mid-run would fail batches over and over: stay under
                 # it (shown as batch_ceiling in the "run started" line)
@@ -340,6 +343,7 @@ async def run(
                 "template": run_cfg.template,
                 "lock_timeout": run_cfg.lock_timeout,
                 "statement_timeout": run_cfg.statement_timeout,
+                "wal_compression": wal_method or "server",
                 "throttle": _throttle_options(run_cfg),
             }
             run_id, resumed = await state.start_run(
@@ -366,6 +370,7 @@ async def run(
             # lower than batch_size when the server's lock table is small (lock_ceiling)
             batch_ceiling=ceiling,
             concurrency=run_cfg.concurrency,
+            wal_compression=wal_method or "server",
         )
 
         if run_cfg.output is not None:
@@ -388,6 +393,7 @@ async def run(
             "template": run_cfg.template,
             "lock_timeout": run_cfg.lock_timeout,
             "statement_timeout": run_cfg.statement_timeout,
+            "wal_compression": wal_method,
             "max_retries": run_cfg.max_retries,
             "stats": stats,
             "plan": PlanWriter(plan_fh) if plan_fh else None,

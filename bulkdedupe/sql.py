@@ -490,6 +490,22 @@ SET_BATCH_TIMEOUTS = (
     "SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true)"
 )
 
+# The same, and how this transaction's full-page images are compressed ($3; --wal-compression).
+SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION = """
+SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true),
+       set_config('wal_compression', $3, true)"""
+
+# What --wal-compression may use: the server's setting, the methods it was built with (an enum
+# from PostgreSQL 15; a boolean before), and whether this role may change it for its own
+# sessions (wal_compression is superuser-only unless granted, PostgreSQL 15+).
+WAL_COMPRESSION = """
+SELECT current_setting('wal_compression') AS current,
+       (SELECT enumvals FROM pg_settings WHERE name = 'wal_compression') AS methods,
+       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,
+       current_user AS role
+"""
+WAL_COMPRESSION_GRANTED = "SELECT has_parameter_privilege('wal_compression', 'SET')"
+
 
 # --- enforce: the unique index, its constraint, the proof ----------------------------------
 

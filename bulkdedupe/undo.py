@@ -19,7 +19,7 @@ from .config import ConnectConfig, UndoConfig, redact_dsn
 from .db import Conn
 from .errors import BulkDedupeError, RunStateError, TargetError, from_driver
 from .results import UndoSummary
-from .worker import RETRYABLE
+from .worker import RETRYABLE, batch_settings
 
 log = structlog.get_logger(__name__)
 
@@ -136,10 +136,8 @@ class _Undoer:
         self.tally = _Tally()
         self.q = target.queries(state_schema)
         self.u = sql.UndoSql(self.q)
-        self.timeouts = (
-            f"{int(ucfg.lock_timeout * 1000)}ms",
-            f"{int(ucfg.statement_timeout * 1000)}ms",
-        )
+        # set by run() once the server says which --wal-compression it can have
+        self.settings = batch_settings(ucfg.lock_timeout, ucfg.statement_timeout, None)
 
     async def preview(self, conn: Conn, stop: anyio.Event) -> None:
         """Dry run: classify every audit row against current data, without locks or writes."""
@@ -217,7 +215,7 @@ class _Undoer:
         assert self.run_id is not None
         values = sorted({c.old for c in batch} | {c.new for c in batch})
         async with pool.acquire() as conn, conn.transaction():
-            await conn.fetch(sql.SET_BATCH_TIMEOUTS, *self.timeouts)
+            await conn.fetch(*self.settings)
             await conn.fetch(self.q.lock_keys, values, self.target.lock_prefix)
             rows = await conn.fetch(self.u.lock_rows, [c.pk for c in batch])
             current = {r["pk"]: r["current"] for r in rows}
@@ -332,6 +330,9 @@ async def _apply(
     stop: anyio.Event,
 ) -> str:
     """Register the undo as a run of its own, restore batch by batch, record how it ended."""
+    info = await catalog.server_info(control)
+    method = await catalog.wal_compression(control, ucfg.wal_compression, info.version_num)
+    undoer.settings = batch_settings(ucfg.lock_timeout, ucfg.statement_timeout, method)
     undo_run_id = state.new_run_id()
     undo_lock = state.RunLock(control, undo_run_id)
     await undo_lock.acquire()
@@ -346,11 +347,12 @@ async def _apply(
             "batch_size": ucfg.batch_size,
             "lock_timeout": ucfg.lock_timeout,
             "statement_timeout": ucfg.statement_timeout,
+            "wal_compression": method or "server",
         },
         database_url=redact_dsn(cfg.database_url),
     )
     undoer.run_id = undo_run_id
-    log.info("undo started", run_id=undo_run_id)
+    log.info("undo started", run_id=undo_run_id, wal_compression=method or "server")
     status = "failed"
     t = undoer.tally
     try:

@@ -60,6 +60,17 @@ class StaleBatch(Exception):
 RETRY_OR_STALE: tuple[type[BaseException], ...] = (*RETRYABLE, StaleBatch)
 
 
+def batch_settings(
+    lock_timeout: float, statement_timeout: float, wal_compression: str | None
+) -> tuple[str, ...]:
+    """The query and arguments that open every batch transaction: its timeouts and, when the
+    run compresses its own full-page images, that too (all SET LOCAL: they end with it)."""
+    timeouts = (f"{int(lock_timeout * 1000)}ms", f"{int(statement_timeout * 1000)}ms")
+    if wal_compression is None:
+        return (sql.SET_BATCH_TIMEOUTS, *timeouts)
+    return (sql.SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION, *timeouts, wal_compression)
+
+
 def skip_reason(exc: BaseException) -> str:
     for cls, reason in SKIP_REASONS.items():
         if isinstance(exc, cls):
@@ -135,6 +146,7 @@ class Worker:
         template: str,
         lock_timeout: float,
         statement_timeout: float,
+        wal_compression: str | None,
         max_retries: int,
         stats: Stats,
         plan: PlanWriter | None = None,
@@ -149,7 +161,7 @@ class Worker:
         self.apply = apply
         self.sizer = sizer
         self.template = template
-        self.timeouts = (f"{int(lock_timeout * 1000)}ms", f"{int(statement_timeout * 1000)}ms")
+        self.settings = batch_settings(lock_timeout, statement_timeout, wal_compression)
         self.max_retries = max_retries
         self.stats = stats
         self.plan = plan
@@ -255,7 +267,7 @@ class Worker:
     async def _transaction(self, keys: list[str], size: int) -> TxResult:
         budget = size if self.apply else 1 << 62
         async with self.pool.acquire() as conn, conn.transaction(readonly=not self.apply):
-            await conn.fetch(sql.SET_BATCH_TIMEOUTS, *self.timeouts)
+            await conn.fetch(*self.settings)
             if self.apply:
                 await conn.fetch(self.q.lock_keys, keys, self.target.lock_prefix)
             # Read, not FOR UPDATE: the UPDATE below locks each row it renames and re-checks
