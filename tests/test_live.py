@@ -25,7 +25,7 @@ from anyio.abc import Process
 
 from benchmarks.generate import GenSpec, generate
 from tests import faults_support
-from tests.faults_support import cli, cli_args, output, spawn
+from tests.faults_support import cli, cli_args, output, slow_down_renames, spawn
 from tests.helpers import REPO_ROOT, fetch_keys
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -89,19 +89,6 @@ async def duplicate_groups(conn: asyncpg.Connection) -> int:
             "SELECT count(*) FROM (SELECT transaction_id FROM payments "
             "WHERE transaction_id IS NOT NULL GROUP BY 1 HAVING count(*) > 1) d"
         )
-    )
-
-
-async def slow_down_renames(conn: asyncpg.Connection, seconds: float) -> None:
-    """A trigger that sleeps on every key change stands in for a big, busy table: the run lasts
-    long enough to be interrupted at a chosen moment, without millions of rows."""
-    await conn.execute(
-        f"""
-        CREATE FUNCTION slow_rename() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN PERFORM pg_sleep({float(seconds)}); RETURN NEW; END $$;
-        CREATE TRIGGER slow_rename BEFORE UPDATE OF transaction_id ON payments
-            FOR EACH ROW EXECUTE FUNCTION slow_rename();
-        """
     )
 
 

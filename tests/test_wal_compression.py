@@ -124,11 +124,13 @@ async def test_a_role_that_may_not_set_it(dsn: str) -> None:
         await conn.execute(f'GRANT SET ON PARAMETER wal_compression TO "{role}"')
         await conn.execute(f'SET ROLE "{role}"')
         assert await wal_compression(conn, "pglz", server["version"]) == "pglz"
-        await conn.execute("RESET ROLE")
-        await conn.execute(f'REVOKE SET ON PARAMETER wal_compression FROM "{role}"')
     finally:
         await conn.close()
-        await execute(dsn, f'DROP ROLE "{role}"')
+        # roles are cluster-wide: leave none behind, granted or not, whatever failed above
+        cleanup = [f'DROP ROLE "{role}"']
+        if "pglz" in server["methods"]:
+            cleanup.insert(0, f'REVOKE SET ON PARAMETER wal_compression FROM "{role}"')
+        await execute(dsn, *cleanup)
 
 
 def test_nonsense_is_a_usage_error() -> None:
