@@ -25,7 +25,7 @@ import asyncpg
 
 from benchmarks.generate import quote_ident, quote_table
 
-__all__ = ["BaselineResult", "batched", "one_statement", "per_row", "percentile"]
+__all__ = ["BaselineResult", "batched", "extrapolate", "one_statement", "per_row", "percentile"]
 
 APPLICATION_NAME: Final = "bench-baseline"
 
@@ -39,9 +39,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def extrapolate(seconds: float, scan_s: float, done: int, total: int) -> float:
+    """The full per-row run's time from a partial one: its GROUP BY, then `total` updates at
+    the rate of the `done` it made. Never less than the time measured. Full precision: the
+    report rounds what it prints (rounded here, a fast run's estimate fell below its time)."""
+    if done >= total:
+        return seconds
+    per_row_s = (seconds - scan_s) / done if done else math.inf
+    return max(seconds, scan_s + per_row_s * total)
+
+
 @dataclass(kw_only=True)
 class BaselineResult:
-    """What a baseline did, named like bulkdedupe's RunSummary where the meaning is the same."""
+    """What a baseline did, named like bulkdedupe's RunSummary where the meaning is the same.
+    Figures at full precision; the report rounds what it prints."""
 
     method: str
     rows_renamed: int
@@ -99,12 +110,12 @@ async def one_statement(
         method="one-statement",
         rows_renamed=renamed,
         rows_to_rename=renamed,
-        duration_s=round(seconds, 3),
-        estimated_duration_s=round(seconds, 3),
+        duration_s=seconds,
+        estimated_duration_s=seconds,
         transactions=1,
-        txn_ms_p50=round(ms, 1),
-        txn_ms_p99=round(ms, 1),
-        txn_ms_max=round(ms, 1),
+        txn_ms_p50=ms,
+        txn_ms_p99=ms,
+        txn_ms_max=ms,
     )
 
 
@@ -147,19 +158,18 @@ async def per_row(
         method="per-row",
         rows_renamed=done,
         rows_to_rename=len(todo),
-        duration_s=round(seconds, 3),
-        estimated_duration_s=round(seconds, 3),
+        duration_s=seconds,
+        estimated_duration_s=seconds,
         transactions=done,
-        txn_ms_p50=round(percentile(latencies, 50), 2),
-        txn_ms_p99=round(percentile(latencies, 99), 2),
-        txn_ms_max=round(max(latencies, default=0.0), 2),
-        scan_ms=round(scan_s * 1000, 1),
+        txn_ms_p50=percentile(latencies, 50),
+        txn_ms_p99=percentile(latencies, 99),
+        txn_ms_max=max(latencies, default=0.0),
+        scan_ms=scan_s * 1000,
     )
     if done < len(todo):
-        update_s = seconds - scan_s
-        per_row_s = update_s / done if done else float("inf")
         result.extrapolated = True
-        result.estimated_duration_s = round(scan_s + per_row_s * len(todo), 1)
+        result.estimated_duration_s = extrapolate(seconds, scan_s, done, len(todo))
+        per_row_s = (seconds - scan_s) / done if done else float("inf")
         result.notes.append(
             f"stopped after {done} of {len(todo)} rows ({seconds:.1f} s); full time "
             f"extrapolated from {per_row_s * 1000:.2f} ms/row"
@@ -237,13 +247,13 @@ async def batched(
         method="batched",
         rows_renamed=renamed,
         rows_to_rename=len(todo),
-        duration_s=round(seconds, 3),
-        estimated_duration_s=round(seconds, 3),
+        duration_s=seconds,
+        estimated_duration_s=seconds,
         transactions=len(latencies),
-        txn_ms_p50=round(percentile(latencies, 50), 2),
-        txn_ms_p99=round(percentile(latencies, 99), 2),
-        txn_ms_max=round(max(latencies, default=0.0), 2),
-        scan_ms=round(scan_s * 1000, 1),
+        txn_ms_p50=percentile(latencies, 50),
+        txn_ms_p99=percentile(latencies, 99),
+        txn_ms_max=max(latencies, default=0.0),
+        scan_ms=scan_s * 1000,
     )
 
 

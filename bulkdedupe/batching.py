@@ -70,8 +70,30 @@ class BatchSizer:
         return max(self.minimum, min(self.maximum, int(value)))
 
 
-def lock_ceiling(lock_slots: int, concurrency: int) -> int:
-    """The most renames one batch may do so that all workers together hold at most half of
-    the server's lock table: a batch holds one advisory lock per group key and one per new
-    value, about two per rename, until it commits. The other half is the application's."""
-    return max(1, lock_slots // 2 // max(1, concurrency) // 2)
+# A batch holds one advisory lock per group key and one per new value (a rename), or per old
+# and per restored value (an undo), until it commits: about two lock-table slots per row.
+LOCKS_PER_ROW = 2
+
+
+@dataclass(frozen=True)
+class LockBudget:
+    """The one owner of the batch ceiling the server's lock table allows: all workers together
+    hold at most half of its slots, the other half is the application's ("out of shared memory"
+    fails their locks too). Every path that sets a batch size or a concurrency asks it: the
+    start of a run, a live `set`, undo's batches.
+
+    `lock_slots` None: the batches take no locks (a dry run), so there is no ceiling.
+    """
+
+    lock_slots: int | None
+
+    def ceiling(self, concurrency: int) -> int | None:
+        """The most rows one batch may change while `concurrency` workers hold locks at once."""
+        if self.lock_slots is None:
+            return None
+        return max(1, self.lock_slots // 2 // max(1, concurrency) // LOCKS_PER_ROW)
+
+    def clamp(self, batch_size: int, concurrency: int) -> int:
+        """`batch_size`, or the ceiling at `concurrency` when that is lower."""
+        ceiling = self.ceiling(concurrency)
+        return batch_size if ceiling is None else min(batch_size, ceiling)

@@ -35,8 +35,8 @@ class Target:
     key: str
     key_attnum: int
     key_type: str  # type name for casts, no modifier: text, character varying, bpchar
-    key_max_length: int | None  # declared n of varchar(n)/char(n)
-    key_is_char: bool  # char(n): trailing blanks are insignificant
+    key_max_length: int | None  # declared n of varchar(n)/char(n); None: text, varchar, bpchar
+    key_is_char: bool  # char(n) or bpchar: trailing blanks are insignificant (equality_key)
     key_collation: int
     pk: str
     pk_type: str

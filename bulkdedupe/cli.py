@@ -9,6 +9,7 @@ import io
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -59,6 +60,7 @@ from .errors import (
     EXIT_OK,
     BulkDedupeError,
     UsageError,
+    from_driver,
 )
 from .report import DEFAULT_RUNS_LIMIT, list_runs, open_report
 from .results import Change
@@ -322,15 +324,23 @@ def handle_errors(f: Callable[..., int]) -> Callable[..., None]:
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> None:
         ctx = click.get_current_context()
+        debug = ctx.find_root().params.get("log_level") == "debug"
         try:
             code = f(*args, **kwargs)
         except BulkDedupeError as exc:
-            if ctx.find_root().params.get("log_level") == "debug":
-                import traceback
-
+            if debug:
                 traceback.print_exc()
             click.echo(f"bulkdedupe: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.exceptions.Exit:
+            raise
+        except Exception as exc:
+            # A bug: say so, and where to find the traceback (never an environment error).
+            if debug:
+                traceback.print_exc()
+            error = from_driver(exc, what=ctx.info_name or "bulkdedupe")
+            click.echo(f"bulkdedupe: error: {error}", err=True)
+            ctx.exit(error.exit_code)
         except KeyboardInterrupt:
             click.echo("bulkdedupe: interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
@@ -470,7 +480,10 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
 @click.option(
     "--keep",
     default=None,
-    help='Order picking the survivor, e.g. "created_at, id" [default: primary key].',
+    help=(
+        'Order picking the survivor, e.g. "created_at desc, id"; NULLs sort last unless '
+        '"nulls first" is given [default: primary key].'
+    ),
 )
 @click.option(
     "--template",
@@ -555,6 +568,15 @@ def run(
             "run interrupted; resume with --run-id", run_id=summary.run_id
         )
         return EXIT_INTERRUPTED
+    if summary.status == "incomplete":
+        structlog.get_logger().warning(
+            "run incomplete: groups were skipped and stay duplicated",
+            run_id=summary.run_id,
+            groups=summary.skipped_groups,
+            reasons=summary.skipped_groups_by_reason,
+            retry=summary.retry_command,
+        )
+        return EXIT_DUPLICATES
     return EXIT_DUPLICATES if summary.failed_rows else EXIT_OK
 
 

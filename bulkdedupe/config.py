@@ -125,21 +125,37 @@ def parse_role(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class OrderItem:
+    """One column of the `--keep` order. NULLs sort last in either direction unless
+    `nulls_first`: PostgreSQL's default for DESC (NULLS FIRST) would make a row without a
+    value the survivor of `--keep "created_at desc"`."""
+
     column: str
     descending: bool = False
+    nulls_first: bool = False
+
+
+_KEEP_ITEM = re.compile(r"(.+?)(?:\s+(asc|desc))?(?:\s+nulls\s+(first|last))?", re.IGNORECASE)
 
 
 def parse_keep(text: str) -> tuple[OrderItem, ...]:
-    """`"created_at, id"` or `"created_at desc, id"` -> order items (asc by default)."""
+    """`"created_at, id"`, `"created_at desc, id"` or `"created_at desc nulls first, id"` ->
+    order items (asc, nulls last by default)."""
     items: list[OrderItem] = []
     for raw in text.split(","):
         words = raw.strip()
         if not words:
             raise UsageError(f"--keep {text!r}: empty column in the list")
-        m = re.fullmatch(r"(.+?)(?:\s+(asc|desc))?", words, flags=re.IGNORECASE)
+        m = _KEEP_ITEM.fullmatch(words)
         assert m is not None  # the pattern matches any non-empty string
-        column = parse_column(m.group(1), "--keep")
-        items.append(OrderItem(column, (m.group(2) or "asc").lower() == "desc"))
+        try:
+            column = parse_column(m.group(1), "--keep")
+        except UnsafeIdentifierError:
+            raise UnsafeIdentifierError(
+                f"--keep {text!r}: expected COLUMN [asc|desc] [nulls first|last] for each "
+                f'item, got {words!r}; double-quote a column name that is not plain ("Paid At")'
+            ) from None
+        direction, nulls = (m.group(2) or "asc").lower(), (m.group(3) or "last").lower()
+        items.append(OrderItem(column, direction == "desc", nulls_first=nulls == "first"))
     return tuple(items)
 
 

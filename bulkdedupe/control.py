@@ -17,11 +17,11 @@ import anyio
 import asyncpg
 import structlog
 
-from . import db, sql, state
-from .batching import BatchSizer
+from . import db, errors, sql, state
+from .batching import BatchSizer, LockBudget
 from .config import MAX_CONCURRENCY, ConnectConfig, ThrottleConfig
 from .db import Conn
-from .errors import RunStateError, UsageError, from_driver
+from .errors import RunStateError, UsageError
 from .progress import Stats
 from .results import ControlResult, RunStatus
 from .throttle import Throttle
@@ -82,28 +82,53 @@ def validate_settings(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 class Knobs:
     """The settings of a running run that `set` may change, applied where they act: the batch
-    ceiling on the shared BatchSizer, the concurrency on the workers' CapacityLimiter, the rest
-    on the Throttle."""
+    ceiling on the shared BatchSizer (the batch size, under what the lock budget allows at the
+    concurrency), the concurrency on the workers' CapacityLimiter, the rest on the Throttle."""
 
     def __init__(
         self,
         *,
         sizer: BatchSizer,
+        budget: LockBudget,
         limiter: anyio.CapacityLimiter,
         throttle: Throttle,
         stats: Stats,
+        batch_size: int,
         concurrency: int,
         concurrency_while_scanning: int,
     ) -> None:
         self.sizer = sizer
+        self.budget = budget
         self.limiter = limiter
         self.throttle = throttle
         self.stats = stats
         self.min_batch_size = sizer.minimum
+        self.batch_size = batch_size  # as asked for; the sizer's ceiling may be lower
         self.concurrency = concurrency
         self.concurrency_while_scanning = concurrency_while_scanning
         self.scanning = True
+        self._apply_ceiling()
         self._apply_limiter()
+
+    def _apply_ceiling(self) -> None:
+        # The operator's concurrency, not the (lower) one while scanning: once the scan is
+        # done that many workers hold their batches' locks at once.
+        ceiling = self.budget.clamp(self.batch_size, self.concurrency)
+        s = self.sizer
+        if ceiling == s.maximum:
+            return
+        if ceiling < self.batch_size:
+            log.warning(
+                "batch ceiling lowered to fit the server's lock table",
+                batch_size=self.batch_size,
+                concurrency=self.concurrency,
+                batch_ceiling=ceiling,
+            )
+        s.maximum = ceiling
+        s.minimum = max(1, min(self.min_batch_size, ceiling))
+        # fixed batches take the new size at once; adaptive ones start under the new ceiling
+        s.size = ceiling if s.target is None else max(s.minimum, min(ceiling, s.size))
+        self.stats.batch_size = s.size
 
     def _apply_limiter(self) -> None:
         n = self.concurrency
@@ -119,7 +144,7 @@ class Knobs:
     def current(self) -> dict[str, Any]:
         limits = dataclasses.asdict(self.throttle.limits)
         return {
-            "batch_size": self.sizer.maximum,
+            "batch_size": self.batch_size,
             "concurrency": self.concurrency,
             "concurrency_while_scanning": self.concurrency_while_scanning,
         } | {k: limits[k] for k in _THROTTLE_KNOBS}
@@ -136,16 +161,12 @@ class Knobs:
         for k, v in changed.items():
             log.warning("setting changed by operator", setting=k, old=now[k], new=v)
         if "batch_size" in changed:
-            s = self.sizer
-            s.maximum = changed["batch_size"]
-            s.minimum = max(1, min(self.min_batch_size, s.maximum))
-            # fixed batches take the new size at once; adaptive ones start under the new ceiling
-            s.size = s.maximum if s.target is None else max(s.minimum, min(s.maximum, s.size))
-            self.stats.batch_size = s.size
+            self.batch_size = changed["batch_size"]
         if "concurrency" in changed:
             self.concurrency = changed["concurrency"]
         if "concurrency_while_scanning" in changed:
             self.concurrency_while_scanning = changed["concurrency_while_scanning"]
+        self._apply_ceiling()
         self._apply_limiter()
         throttle = {k: v for k, v in changed.items() if k in _THROTTLE_KNOBS}
         if throttle:
@@ -229,11 +250,8 @@ def live_snapshot(stats: Stats, knobs: Knobs) -> dict[str, Any]:
 
 @asynccontextmanager
 async def _connected(cfg: ConnectConfig, what: str) -> AsyncIterator[Conn]:
-    try:
-        async with db.connect(cfg) as conn:
-            yield conn
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-        raise from_driver(exc, what=what) from exc
+    async with errors.boundary(what), db.connect(cfg) as conn:
+        yield conn
 
 
 async def _run_row(conn: Conn, st: sql.StateSql, run_id: str | None) -> asyncpg.Record:
@@ -268,6 +286,7 @@ async def status(cfg: ConnectConfig, run_id: str | None = None) -> RunStatus:
         row = await _run_row(conn, st, run_id)
         alive = bool(await conn.fetchval(sql.RUN_ALIVE, row["run_id"]))
         now = await conn.fetchval("SELECT now()")
+        skipped = await state.skipped_counts(conn, st, [row["run_id"]])
     live = _json(row["checkpoint"]).get("live") or {}
     summary = _json(row["summary"])
     throttle = live.get("throttle") or {}
@@ -314,6 +333,7 @@ async def status(cfg: ConnectConfig, run_id: str | None = None) -> RunStatus:
         concurrency=live.get("concurrency"),
         pid=live.get("pid"),
         host=live.get("host"),
+        skipped_groups=skipped.get(row["run_id"], 0),
     )
 
 

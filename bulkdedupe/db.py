@@ -10,23 +10,14 @@ import anyio
 import asyncpg
 
 from .config import APPLICATION_NAME, ConnectConfig, redact_dsn
-from .errors import ConnectError, UsageError, from_driver
+from .errors import CONNECTION_LOST, ConnectError, UsageError, from_driver
 
 POOL_CLOSE_TIMEOUT = 10.0
 
 # A connection of our own or one borrowed from the pool: the queries do not care which.
 Conn = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
-# The session is gone or cannot be had (network, pg_terminate_backend, a server shutting down
-# or restarting): worth a new connection, but no use splitting the work that failed.
-CONNECTION_LOST: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
-)
+__all__ = ["CONNECTION_LOST", "Conn", "connect", "pool"]
 
 
 def _settings(statement_timeout: float | None) -> dict[str, str]:

@@ -4,9 +4,8 @@ attach it as a constraint, and prove that a duplicate is rejected. Never leaves 
 
 from __future__ import annotations
 
-import random
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,11 +13,11 @@ import anyio
 import asyncpg
 import structlog
 
-from . import catalog, db, pipeline, signals, sql, state
+from . import catalog, db, errors, pipeline, retry, signals, sql, state
 from .catalog import Target
 from .config import ConnectConfig, EnforceConfig
 from .db import Conn
-from .errors import BulkDedupeError, RunStateError, TargetError, from_driver
+from .errors import BulkDedupeError, RunStateError, TargetError
 from .results import EnforceAttempt, EnforceResult, RunSummary
 
 log = structlog.get_logger(__name__)
@@ -85,14 +84,6 @@ async def inspect_index(conn: Conn, target: Target, name: str) -> IndexState | N
         definition=row["definition"],
         constraint=row["conname"],
     )
-
-
-@asynccontextmanager
-async def _driver_errors(what: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-        raise from_driver(exc, what=what) from exc
 
 
 class _Enforcer:
@@ -272,7 +263,7 @@ class _Enforcer:
                     return "interrupted"
             else:
                 self.attempts.append(attempt)
-                await anyio.sleep(min(0.2 * 2**number, 5.0) * (0.5 + random.random()))
+                await retry.wait(number, retry.BUILD)
         return "not_converged"
 
     async def attach_constraint(self, conn: Conn, idx_oid: int) -> str:
@@ -301,7 +292,7 @@ class _Enforcer:
                 error: BaseException = exc
             if self.stop.is_set():
                 break
-            await anyio.sleep(min(0.5 * 2**attempt, 10.0) * (0.5 + random.random()))
+            await retry.wait(attempt, retry.DDL_LOCK)
         raise BulkDedupeError(
             f"could not lock {t.display} to attach constraint {self.name} within "
             f"{self.ecfg.lock_timeout:g}s in {self.ecfg.attach_retries + 1} tries ({error}); the "
@@ -360,7 +351,7 @@ async def enforce(
     ecfg = ecfg or EnforceConfig()
     stop = stop or anyio.Event()
     started = anyio.current_time()
-    async with _driver_errors("enforce"), db.connect(cfg) as conn:
+    async with errors.boundary("enforce"), db.connect(cfg) as conn:
         await conn.fetchval(sql.SET_DDL_SESSION)
         target = await _resolve(conn, cfg)
         if not await conn.fetchval(sql.ENFORCE_LOCK, target.lock_prefix):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import heapq
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import re
+import shlex
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
@@ -17,13 +18,20 @@ import asyncpg
 import structlog
 from anyio.abc import ObjectReceiveStream
 
-from . import catalog, db, signals, sql, state
-from .batching import BatchSizer, lock_ceiling
+from . import catalog, db, errors, scanindex, signals, sql, state
+from .batching import BatchSizer, LockBudget
 from .catalog import Target
-from .config import MAX_CONCURRENCY, ConnectConfig, RunConfig, ScanConfig, redact_dsn
+from .config import (
+    DEFAULT_STATE_SCHEMA,
+    MAX_CONCURRENCY,
+    ConnectConfig,
+    RunConfig,
+    ScanConfig,
+    redact_dsn,
+)
 from .control import Knobs, RunControl, live_snapshot
 from .db import Conn
-from .errors import BulkDedupeError, ConnectError, TargetError, UsageError, from_driver
+from .errors import ConnectError, TargetError, UsageError
 from .health import HealthSampler
 from .monitor import Monitor
 from .progress import Reporter, Stats, percentile
@@ -37,27 +45,6 @@ log = structlog.get_logger(__name__)
 
 CHECKPOINT_INTERVAL = 2.0
 FLUSH_AFTER = 0.5  # seconds a partly filled batch may wait for more groups
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The first operator-facing error inside (nested) exception groups."""
-    while isinstance(exc, BaseExceptionGroup):
-        inner = [e for e in exc.exceptions if isinstance(e, BulkDedupeError)]
-        exc = inner[0] if inner else exc.exceptions[0]
-    return exc
-
-
-@asynccontextmanager
-async def _errors(what: str) -> AsyncIterator[None]:
-    try:
-        yield
-    except BaseExceptionGroup as eg:
-        inner = _unwrap(eg)
-        if isinstance(inner, Exception):
-            raise from_driver(inner, what=what) from inner
-        raise
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-        raise from_driver(exc, what=what) from exc
 
 
 def _no_index_error(target: Target) -> TargetError:
@@ -144,16 +131,19 @@ async def scan(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> ScanR
                     heapq.heapreplace(top, item)
 
     async with (
-        _errors("scan"),
+        errors.boundary("scan"),
         db.pool(
             cfg, size=scan_cfg.scanners + 1, statement_timeout=scan_cfg.statement_timeout
         ) as pool,
+        pool.acquire() as conn,
+        contextlib.AsyncExitStack() as resources,
     ):
-        async with pool.acquire() as conn:
-            target = await _resolve(conn, cfg, write=False)
-            if target.scan_index is None:
-                raise _no_index_error(target)
-            ranges = await plan_ranges(conn, target, scan_cfg.scanners)
+        target = await _resolve(conn, cfg, write=False)
+        if target.scan_index is None:
+            raise _no_index_error(target)
+        ranges = await plan_ranges(conn, target, scan_cfg.scanners)
+        # a bulkdedupe scan index is held while it is read: a run ending now must not drop it
+        await resources.enter_async_context(scanindex.lease(conn, target, create=False))
         stats.estimated_rows = target.estimated_rows
         reporter = Reporter(stats, verb="to rename")
         async with anyio.create_task_group() as tg:
@@ -252,15 +242,6 @@ def _check_output(path: Path) -> None:
         raise UsageError(f"--output {path}: {exc.strerror}") from None
 
 
-async def _create_scan_index(conn: Conn, target: Target) -> str:
-    name = f"bulkdedupe_scan_{target.table}_{target.key}"[:63]
-    log.info("creating scan index concurrently", index=name, table=target.display)
-    await conn.execute("SET statement_timeout = 0")
-    await conn.execute(sql.drop_index_concurrently(target.schema, name))
-    await conn.execute(sql.create_index_concurrently(name, target.qualified, target.key))
-    return name
-
-
 async def run(
     cfg: ConnectConfig,
     run_cfg: RunConfig = RunConfig(),
@@ -284,7 +265,7 @@ async def run(
     workers = MAX_CONCURRENCY if apply else run_cfg.concurrency
     size = workers + scan_cfg.scanners + 1
     monitor: Monitor | None = None
-    created_index: str | None = None
+    scan_lease: scanindex.ScanIndexLease | None = None
     status = "failed"
     run_id = run_cfg.run_id or state.new_run_id()
     st = sql.StateSql(cfg.state_schema)
@@ -292,24 +273,23 @@ async def run(
         _check_output(run_cfg.output)
 
     async with (
-        _errors("run"),
+        errors.boundary("run"),
         db.connect(cfg) as control,
         db.pool(cfg, size=size, statement_timeout=scan_cfg.statement_timeout) as pool,
         contextlib.AsyncExitStack() as resources,
     ):
         target = await _resolve(control, cfg, run_cfg.keep, write=apply)
-        ceiling = run_cfg.batch_size
+        lock_budget = LockBudget(None)  # a dry run takes no locks
         wal_method: str | None = None
         if apply:
             info = await catalog.server_info(control)
             wal_method = await catalog.wal_compression(
                 control, run_cfg.wal_compression, info.version_num
             )
-            lock_cap = lock_ceiling(info.lock_slots, run_cfg.concurrency)
-            if lock_cap < ceiling:
-                # "out of shared memory" mid-run would fail batches over and over: stay under
-                # it (shown as batch_ceiling in the "run started" line)
-                ceiling = lock_cap
+            # "out of shared memory" mid-run would fail batches over and over: stay under it
+            # (shown as batch_ceiling in the "run started" line; `set` goes through it too)
+            lock_budget = LockBudget(info.lock_slots)
+        ceiling = lock_budget.clamp(run_cfg.batch_size, run_cfg.concurrency)
         throttle = Throttle(run_cfg.throttle, stats, stop)
         sampler = HealthSampler(cfg, target.oid, run_cfg.throttle)
         resources.push_async_callback(sampler.close)
@@ -329,8 +309,10 @@ async def run(
             )
         if apply:
             await state.ensure_schema(control, st)
-        if target.scan_index is None:
-            created_index = await _create_scan_index(control, target)
+        # Built when missing, else reused; held for the whole run so no other run drops it.
+        scan_lease = await resources.enter_async_context(
+            scanindex.lease(control, target, create=apply and run_cfg.create_scan_index)
+        )
         run_lock: state.RunLock | None = None
         resumed: state.RunRecord | None = None
         if apply:
@@ -355,6 +337,9 @@ async def run(
                 options=options,
                 database_url=redact_dsn(cfg.database_url),
             )
+            # Anything that fails from here until the run's end is recorded marks it failed
+            # (resumable), never leaves it "running" behind a process that has exited.
+            resources.push_async_exit(_MarkFailedUnlessFinished(control, st, run_id, run_lock))
         ranges = resumed.remaining_ranges() if resumed else None
         if ranges is None:
             ranges = await plan_ranges(control, target, scan_cfg.scanners)
@@ -367,7 +352,7 @@ async def run(
             resumed=resumed is not None,
             ranges=len(ranges),
             batch_size=run_cfg.batch_size,
-            # lower than batch_size when the server's lock table is small (lock_ceiling)
+            # lower than batch_size when the server's lock table is small (LockBudget)
             batch_ceiling=ceiling,
             concurrency=run_cfg.concurrency,
             wal_compression=wal_method or "server",
@@ -379,6 +364,7 @@ async def run(
                 plan_fh = Path(run_cfg.output).open("w", encoding="utf-8")  # noqa: SIM115, ASYNC230
             except OSError as exc:
                 raise UsageError(f"--output {run_cfg.output}: {exc.strerror}") from None
+        skips = state.SkipLog(pool if apply else None, st, run_id)
         worker_kw: dict[str, Any] = {
             "pool": pool,
             "target": target,
@@ -390,6 +376,7 @@ async def run(
                 minimum=run_cfg.min_batch_size,
                 maximum=ceiling,
             ),
+            "skips": skips,
             "template": run_cfg.template,
             "lock_timeout": run_cfg.lock_timeout,
             "statement_timeout": run_cfg.statement_timeout,
@@ -408,6 +395,9 @@ async def run(
 
         async def produce() -> None:
             try:
+                if resumed is not None:
+                    # the groups the earlier process skipped, before the unfinished ranges
+                    await _produce_retries(pool, st, run_id, spool, run_cfg.batch_size, stats)
                 await _scan_groups(
                     pool,
                     target,
@@ -446,9 +436,11 @@ async def run(
         )
         knobs = Knobs(
             sizer=worker_kw["sizer"],
+            budget=lock_budget,
             limiter=limiter,
             throttle=throttle,
             stats=stats,
+            batch_size=run_cfg.batch_size,
             concurrency=run_cfg.concurrency,
             concurrency_while_scanning=run_cfg.concurrency_while_scanning,
         )
@@ -477,7 +469,8 @@ async def run(
                             await worker.handle(item)
                         except Stopping:
                             return  # not checkpointed: a resume does the rest of the item
-                    checkpoints.complete(item.range_index, item.seq, item.last_key)
+                    if not item.retry:  # retried groups are tracked in <state>.skipped
+                        checkpoints.complete(item.range_index, item.seq, item.last_key)
 
         async def save_checkpoints() -> None:
             while True:
@@ -542,32 +535,36 @@ async def run(
             if plan_fh is not None:
                 plan_fh.close()
             reporter.close()
-            summary = _summary(run_id, apply, status, target, stats, run_cfg, sample)
             control_lost = apply and control.is_closed()
+            skipped = await _skipped_on_record(control, st, run_id, skips, stats, apply=apply)
+            if status == "completed" and skipped.total_groups:
+                status = "incomplete"  # a resume retries exactly the groups on record
+            summary = _summary(
+                run_id, apply, status, target, stats, run_cfg, sample, cfg=cfg, skipped=skipped
+            )
             if apply and not control_lost:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-                    renamed_total = await control.fetchval(st.count_changes, run_id)
-                    await state.finish_run(
-                        control,
-                        st,
-                        run_id,
-                        status=status,
-                        groups=stats.groups_done,
-                        renamed=renamed_total,
-                        skipped=stats.skipped_rows,
-                        checkpoint=checkpoints.to_json() | {"live": live_snapshot(stats, knobs)},
-                        summary=summary.to_json(),
-                    )
-                    if run_lock is not None:
-                        await run_lock.release()
-            if (
-                created_index
-                and status == "completed"
-                and not run_cfg.keep_scan_index
-                and not control_lost
-            ):
+                control_lost = not await _finish(
+                    control,
+                    st,
+                    run_id,
+                    status=status,
+                    stats=stats,
+                    base_renamed=resumed.renamed if resumed else 0,
+                    checkpoint=checkpoints.to_json() | {"live": live_snapshot(stats, knobs)},
+                    summary=summary,
+                    run_lock=run_lock,
+                )
+            if scan_lease is not None and not control_lost:
+                # A run that asked for a temporary index drops it, unless another run still
+                # uses it: the last of them to end drops it.
+                drop = (
+                    apply
+                    and status == "completed"
+                    and run_cfg.create_scan_index
+                    and not run_cfg.keep_scan_index
+                )
                 with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-                    await control.execute(sql.drop_index_concurrently(target.schema, created_index))
+                    await scan_lease.release(drop=drop)
             if control_lost:
                 # The run cannot be marked: it stays "running", resumable from its last saved
                 # checkpoint (work after it is found again by the scan, already-renamed groups
@@ -582,6 +579,128 @@ async def run(
     if monitor is not None and monitor.error is not None:
         raise monitor.error  # the run is saved as failed (resumable); say why
     return summary
+
+
+async def _produce_retries(
+    pool: asyncpg.Pool,
+    st: sql.StateSql,
+    run_id: str,
+    spool: Spool[WorkItem],
+    batch_size: int,
+    stats: Stats,
+) -> None:
+    """Queue the groups an earlier process of this run skipped (`<state>.skipped`), in work
+    items of about `batch_size` renames, marked `retry`: the checkpoint does not track them,
+    the skipped table does (each resolved group's row is deleted)."""
+    async with pool.acquire() as conn:
+        pending: list[Group] = []
+        renames = 0
+        async for page in state.skipped_groups(conn, st, run_id):
+            for key, rows in page:
+                pending.append(Group(key, rows + 1))
+                stats.groups_found += 1
+                renames += rows
+                if renames >= batch_size:
+                    await spool.put(WorkItem(-1, 0, tuple(pending), None, retry=True))
+                    pending, renames = [], 0
+        if pending:
+            await spool.put(WorkItem(-1, 0, tuple(pending), None, retry=True))
+
+
+async def _skipped_on_record(
+    control: Conn,
+    st: sql.StateSql,
+    run_id: str,
+    skips: state.SkipLog,
+    stats: Stats,
+    *,
+    apply: bool,
+) -> state.SkippedSummary:
+    """The groups left skipped at the end: on --apply those on record for the run (earlier
+    processes' included, minus those resolved since), else this process's own count."""
+    if apply and not control.is_closed():
+        with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_BUDGET):
+            try:
+                return await state.skipped_summary(control, st, run_id)
+            except (*errors.DRIVER_ERRORS,) as exc:
+                log.warning("could not read the skipped groups back", error=str(exc))
+    rows = {k: v for k, v in stats.skipped.items() if k != "no_longer_duplicate"}
+    return state.SkippedSummary(groups=dict(skips.groups), rows=rows)
+
+
+# Each final step has a budget of its own: a slow count over a huge audit must not cost the
+# run its final status (the count has a fallback: the run's own counters).
+FINISH_BUDGET = 30.0
+COUNT_TIMEOUT = "20s"
+
+
+async def _finish(
+    control: Conn,
+    st: sql.StateSql,
+    run_id: str,
+    *,
+    status: str,
+    stats: Stats,
+    base_renamed: int,
+    checkpoint: dict[str, Any],
+    summary: RunSummary,
+    run_lock: state.RunLock | None,
+) -> bool:
+    """Write the run's final status, then release its lock: always attempted, shielded from
+    cancellation, each step within its own budget. False: the server could not be told (the
+    connection is gone), the run stays resumable as it was last saved."""
+    renamed = base_renamed + stats.renamed  # the fallback: this run's counters
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(FINISH_BUDGET):
+            try:
+                renamed = await state.count_changes(control, st, run_id, within=COUNT_TIMEOUT)
+            except (*errors.DRIVER_ERRORS,) as exc:
+                log.warning("audit count failed; using the run's counters", error=str(exc))
+        recorded = False
+        with anyio.move_on_after(FINISH_BUDGET):
+            try:
+                await state.finish_run(
+                    control,
+                    st,
+                    run_id,
+                    status=status,
+                    groups=stats.groups_done,
+                    renamed=renamed,
+                    skipped=stats.skipped_rows,
+                    checkpoint=checkpoint,
+                    summary=summary.to_json(),
+                )
+                recorded = True
+            except (*errors.DRIVER_ERRORS,) as exc:
+                log.error("could not record the run's final status", status=status, error=str(exc))
+        if not recorded:
+            return False
+        if run_lock is not None:
+            with anyio.move_on_after(FINISH_BUDGET), contextlib.suppress(*errors.DRIVER_ERRORS):
+                await run_lock.release()
+    return True
+
+
+class _MarkFailedUnlessFinished:
+    """Exit callback: a run that ends by an exception before its final status was written is
+    marked failed (resumable). A no-op once `finish_run` wrote any status."""
+
+    def __init__(
+        self, control: Conn, st: sql.StateSql, run_id: str, run_lock: state.RunLock | None
+    ) -> None:
+        self.control, self.st, self.run_id, self.run_lock = control, st, run_id, run_lock
+
+    async def __call__(self, *exc_info: object) -> bool:
+        if exc_info[1] is None or self.control.is_closed():
+            return False
+        with anyio.CancelScope(shield=True), anyio.move_on_after(FINISH_BUDGET):
+            try:
+                await self.control.execute(self.st.mark_failed, self.run_id)
+                if self.run_lock is not None:
+                    await self.run_lock.release()
+            except (*errors.DRIVER_ERRORS,) as exc:
+                log.warning("could not mark the run failed", error=str(exc))
+        return False
 
 
 def _throttle_options(run_cfg: RunConfig) -> dict[str, Any]:
@@ -605,9 +724,15 @@ def _summary(
     stats: Stats,
     run_cfg: RunConfig,
     sample: list[Rename],
+    *,
+    cfg: ConnectConfig,
+    skipped: state.SkippedSummary,
 ) -> RunSummary:
     ms = [s * 1000 for s in stats.batch_seconds]
     elapsed = stats.elapsed()
+    retry = None
+    if apply and skipped.total_groups and status in ("incomplete", "interrupted", "failed"):
+        retry = resume_command(cfg, target, run_id)
     return RunSummary(
         run_id=run_id,
         mode="apply" if apply else "dry-run",
@@ -618,6 +743,9 @@ def _summary(
         rows_renamed=stats.renamed,
         rows_skipped=stats.skipped_rows,
         skipped=dict(stats.skipped),
+        skipped_groups=skipped.total_groups,
+        skipped_groups_by_reason=dict(skipped.groups),
+        retry_command=retry,
         batches=stats.batches,
         retries=stats.retries,
         scanned_rows=stats.scanned_rows,
@@ -634,3 +762,26 @@ def _summary(
             for r in sample
         ),
     )
+
+
+def _cli_ident(name: str) -> str:
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else sql.quote_ident(name)
+
+
+def resume_command(cfg: ConnectConfig, target: Target, run_id: str) -> str:
+    """The command line that resumes `run_id` (and so retries its skipped groups)."""
+    args = [
+        "bulkdedupe",
+        "run",
+        "--apply",
+        "--table",
+        f"{_cli_ident(target.schema)}.{_cli_ident(target.table)}",
+        "--key",
+        _cli_ident(target.key),
+    ]
+    if cfg.pk is not None:
+        args += ["--pk", _cli_ident(target.pk)]
+    if cfg.state_schema != DEFAULT_STATE_SCHEMA:
+        args += ["--state-schema", _cli_ident(cfg.state_schema)]
+    args += ["--run-id", run_id]
+    return shlex.join(args)

@@ -3,7 +3,7 @@ deterministic candidate values for a renamed row that fit the column's declared 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Any, NamedTuple
 
 # How many candidates are tried for one row before it is skipped as "no_unique_value".
@@ -27,37 +27,67 @@ class GroupPlan(NamedTuple):
     rest: int
 
 
-def group_rows(rows: Sequence[Row]) -> list[list[Row]]:
-    """Split rows sorted by key (then by the keep order) into runs of equal keys."""
+def equality_key(value: str, *, char_semantics: bool) -> str:
+    """`value` as the column's equality, and so its unique index, compares it. With
+    `char_semantics` (char(n) and bpchar columns) trailing spaces are insignificant: 'a', 'a '
+    and 'a  ' are one value. Only spaces, as in PostgreSQL: tabs or no-break spaces count."""
+    return value.rstrip(" ") if char_semantics else value
+
+
+def group_rows(rows: Sequence[Row], *, char_semantics: bool = False) -> list[list[Row]]:
+    """Split rows sorted by key (then by the keep order) into runs of equal keys, equal as
+    `equality_key` says."""
     groups: list[list[Row]] = []
+    last = ""
     for row in rows:
-        if groups and groups[-1][0].value == row.value:
+        key = equality_key(row.value, char_semantics=char_semantics)
+        if groups and key == last:
             groups[-1].append(row)
         else:
             groups.append([row])
+            last = key
     return groups
 
 
-def plan_groups(rows: Sequence[Row], budget: int) -> tuple[list[GroupPlan], list[str]]:
+def plan_groups(
+    rows: Sequence[Row],
+    budget: int,
+    *,
+    char_semantics: bool = False,
+    asked: Sequence[str] = (),
+    decided: Collection[Any] = (),
+) -> tuple[list[GroupPlan], list[str]]:
     """Plan renames for rows sorted by key then keep order, at most `budget` renames in all.
 
     Returns the plans and the keys that are no longer duplicated (skipped). The first row of
     each group survives; groups that do not fit the budget are cut (their `rest` > 0) so that a
     group larger than the batch size is worked off over several transactions.
+
+    Rows are grouped as `group_rows(char_semantics=...)` does. A group is named by the key in
+    `asked` it equals (the caller's spelling, which for bpchar may differ from every row's
+    padding), else by its first row's value.
+
+    Rows whose pk is in `decided` (losers an earlier transaction of the group already gave up
+    on: no new value fits) are never planned again, so every transaction of a group that is
+    cut decides new rows and the group's work ends.
     """
+    spelling = {equality_key(k, char_semantics=char_semantics): k for k in asked}
     plans: list[GroupPlan] = []
     single: list[str] = []
-    for group in group_rows(rows):
+    for group in group_rows(rows, char_semantics=char_semantics):
+        first = group[0]
+        key = spelling.get(equality_key(first.value, char_semantics=char_semantics), first.value)
         if len(group) < 2:
-            single.append(group[0].value)
+            single.append(key)
             continue
-        take = min(len(group) - 1, budget)
-        if take <= 0:
+        open_ = [r for r in group[1:] if r.pk not in decided] if decided else group[1:]
+        take = min(len(open_), budget)
+        if take <= 0 < len(open_):
             # the budget is spent: leave the whole group for the next transaction
-            plans.append(GroupPlan(group[0].value, group[0], (), len(group) - 1))
+            plans.append(GroupPlan(key, first, (), len(open_)))
             continue
-        losers = tuple(group[1 : 1 + take])
-        plans.append(GroupPlan(group[0].value, group[0], losers, len(group) - 1 - take))
+        losers = tuple(open_[:take])
+        plans.append(GroupPlan(key, first, losers, len(open_) - take))
         budget -= take
     return plans, single
 
@@ -94,10 +124,11 @@ def candidates(
 ) -> Iterator[str]:
     """Distinct candidates for renaming the row (`pk`, `value`), in the order they are tried.
 
-    With `char_semantics` (char(n) columns) trailing blanks are insignificant, as in
-    PostgreSQL: they are stripped before rendering and when comparing to the old value.
+    With `char_semantics` (char(n) and bpchar columns) trailing blanks are insignificant, as
+    in PostgreSQL: they are stripped before rendering and from each candidate, so candidates
+    differ from the old value and from each other as the column's equality sees them.
     """
-    base = value.rstrip(" ") if char_semantics else value
+    base = equality_key(value, char_semantics=char_semantics)
     seen: set[str] = set()
     for attempt in range(MAX_ATTEMPTS):
         c = candidate(template, base, pk, attempt, max_length)
@@ -105,8 +136,7 @@ def candidates(
             if attempt == 0:
                 continue
             return
-        if char_semantics:
-            c = c.rstrip(" ")
+        c = equality_key(c, char_semantics=char_semantics)
         if c == base or c in seen or not c:
             continue
         seen.add(c)

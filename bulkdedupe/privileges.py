@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from . import catalog, db, sql
+from . import catalog, db, errors, sql
 from .config import DEFAULT_STATE_SCHEMA, ConnectConfig
 from .db import Conn
-from .errors import PrivilegeError, UsageError, from_driver
+from .errors import PrivilegeError, UsageError
 from .results import InitStateResult
 
 STATE_WRITE = ("SELECT", "INSERT", "UPDATE")
@@ -327,8 +327,8 @@ async def init_state(cfg: ConnectConfig, *, role: str | None = None) -> InitStat
     """Create what is missing of the state schema and, with `role`, grant that role everything
     `run --apply` and `undo --apply` need. Runs as a privileged role (a DBA); one transaction."""
     st = sql.StateSql(cfg.state_schema)
-    try:
-        async with db.connect(cfg) as conn:
+    async with errors.boundary("init-state"), db.connect(cfg) as conn:
+        try:
             catalog.check_writable(await catalog.server_info(conn))
             target: catalog.Target | None = None
             if role is not None:
@@ -359,14 +359,12 @@ async def init_state(cfg: ConnectConfig, *, role: str | None = None) -> InitStat
                     )
                     for g in granted:
                         await conn.execute(g)
-    except asyncpg.InsufficientPrivilegeError as exc:
-        raise PrivilegeError(
-            f"init-state: permission denied ({exc}); run it as a role that may create schemas "
-            "in this database and grant on the table (the DBA), or hand them the SQL of "
-            "`bulkdedupe init-state --print-sql`"
-        ) from None
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-        raise from_driver(exc, what="init-state") from exc
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise PrivilegeError(
+                f"init-state: permission denied ({exc}); run it as a role that may create "
+                "schemas in this database and grant on the table (the DBA), or hand them the "
+                "SQL of `bulkdedupe init-state --print-sql`"
+            ) from None
     return InitStateResult(
         state_schema=st.schema,
         created=tuple(_display(o) for o in access.missing if o.kind != "statement"),

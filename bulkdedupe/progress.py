@@ -24,6 +24,7 @@ class Stats:
     groups_done: int = 0
     renamed: int = 0
     skipped_rows: int = 0
+    skipped_groups: int = 0  # groups skipped with a reason (not the ones that went away)
     skipped: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     retries: int = 0

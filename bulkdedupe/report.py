@@ -10,17 +10,17 @@ from typing import Any
 
 import asyncpg
 
-from . import db, sql, state
+from . import db, errors, sql, state
 from .config import ConnectConfig
 from .db import Conn
-from .errors import RunStateError, UsageError, from_driver
+from .errors import RunStateError, UsageError
 from .results import Change, RunInfo, RunsList
 
 DEFAULT_RUNS_LIMIT = 20
 DEFAULT_PAGE_SIZE = 5000
 
 
-def _run_info(row: asyncpg.Record) -> RunInfo:
+def _run_info(row: asyncpg.Record, skipped_groups: int = 0) -> RunInfo:
     options: Any = row["options"]
     return RunInfo(
         run_id=row["run_id"],
@@ -32,19 +32,16 @@ def _run_info(row: asyncpg.Record) -> RunInfo:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         rows_changed=row["renamed"],
+        skipped_groups=skipped_groups,
         options=json.loads(options) if isinstance(options, str) else dict(options or {}),
     )
 
 
 @asynccontextmanager
 async def _reading(cfg: ConnectConfig, what: str) -> AsyncIterator[Conn]:
-    try:
-        async with db.connect(cfg) as conn:
-            yield conn
-    except BrokenPipeError:
-        raise  # our reader went away (`report | head`), not the server
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-        raise from_driver(exc, what=what) from exc
+    # BrokenPipeError: our reader went away (`report | head`), not the server
+    async with errors.boundary(what, passthrough=(BrokenPipeError,)), db.connect(cfg) as conn:
+        yield conn
 
 
 async def list_runs(cfg: ConnectConfig, limit: int = DEFAULT_RUNS_LIMIT) -> RunsList:
@@ -61,7 +58,11 @@ async def list_runs(cfg: ConnectConfig, limit: int = DEFAULT_RUNS_LIMIT) -> Runs
                 note=f"schema {cfg.state_schema} does not exist yet (nothing was ever applied)",
             )
         rows = await conn.fetch(st.list_runs, limit)
-    return RunsList(state_schema=cfg.state_schema, runs=tuple(_run_info(r) for r in rows))
+        skipped = await state.skipped_counts(conn, st, [r["run_id"] for r in rows])
+    return RunsList(
+        state_schema=cfg.state_schema,
+        runs=tuple(_run_info(r, skipped.get(r["run_id"], 0)) for r in rows),
+    )
 
 
 class Report:

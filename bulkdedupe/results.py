@@ -99,13 +99,14 @@ class RunSummary:
 
     run_id: str
     mode: str  # "dry-run" | "apply"
-    status: str  # "completed" | "interrupted" | "failed"
+    # "completed" | "incomplete" (groups skipped: see retry_command) | "interrupted" | "failed"
+    status: str
     table: str
     key: str
     groups: int
     rows_renamed: int
     rows_skipped: int
-    skipped: dict[str, int]
+    skipped: dict[str, int]  # reason -> rows (no_longer_duplicate: resolved by themselves)
     batches: int
     retries: int
     scanned_rows: int
@@ -118,6 +119,10 @@ class RunSummary:
     scan_s: float = 0.0
     output: str | None = None
     sample: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # groups left duplicated with a reason (on --apply: on record in <state>.skipped)
+    skipped_groups: int = 0
+    skipped_groups_by_reason: dict[str, int] = field(default_factory=dict)
+    retry_command: str | None = None  # resumes the run: retries exactly those groups
 
     @property
     def failed_rows(self) -> int:
@@ -138,6 +143,12 @@ class RunSummary:
             ("rows skipped", self.rows_skipped),
         ]
         rows += [(f"  skipped: {k}", v) for k, v in sorted(self.skipped.items())]
+        if self.skipped_groups:
+            rows.append(("groups left skipped", self.skipped_groups))
+            rows += [
+                (f"  groups skipped: {k}", v)
+                for k, v in sorted(self.skipped_groups_by_reason.items())
+            ]
         rows += [
             ("batches", self.batches),
             ("retries", self.retries),
@@ -153,6 +164,8 @@ class RunSummary:
         ]
         if self.output:
             rows.append(("plan written to", self.output))
+        if self.retry_command:
+            rows.append(("retry them with", self.retry_command))
         out = table_text(f"run of {self.table}.{self.key}", rows)
         if self.sample:
             out += "\n  sample:"
@@ -307,6 +320,7 @@ class RunInfo:
     finished_at: datetime | None
     rows_changed: int
     options: dict[str, Any]
+    skipped_groups: int = 0  # on record as skipped: a resume retries them
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -335,7 +349,16 @@ class RunsList:
     def to_text(self) -> str:
         if not self.runs:
             return f"no runs{': ' + self.note if self.note else ''}"
-        header = ("run id", "command", "table.key", "status", "started", "finished", "rows")
+        header = (
+            "run id",
+            "command",
+            "table.key",
+            "status",
+            "started",
+            "finished",
+            "rows",
+            "skipped groups",
+        )
         lines = [
             (
                 r.run_id,
@@ -345,6 +368,7 @@ class RunsList:
                 _when(r.started_at),
                 _when(r.finished_at),
                 f"{r.rows_changed:,}",
+                f"{r.skipped_groups:,}",
             )
             for r in self.runs
         ]
@@ -444,6 +468,7 @@ class RunStatus:
     concurrency: int | None
     pid: int | None
     host: str | None
+    skipped_groups: int = 0  # on record as skipped: a resume retries them
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -480,6 +505,7 @@ class RunStatus:
             ("groups done", f"{self.groups_done or 0:,} of {self.groups_found or 0:,} found"),
             ("rows renamed", self.rows_renamed),
             ("rows skipped", self.rows_skipped),
+            ("groups skipped", self.skipped_groups),
             ("rate (rows/s)", "-" if self.rows_per_s is None else self.rows_per_s),
             ("ETA", _duration(self.eta_s)),
             ("batch size", f"{self.batch_size or '-'} (ceiling {self.batch_ceiling or '-'})"),

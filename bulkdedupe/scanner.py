@@ -12,7 +12,7 @@ import anyio
 import asyncpg
 import structlog
 
-from . import sql
+from . import retry, sql
 from .catalog import Target
 from .db import CONNECTION_LOST, Conn
 from .errors import BulkDedupeError
@@ -120,7 +120,7 @@ async def scan_range(
             failures += 1
             if failures > PAGE_RETRIES:
                 raise
-            await anyio.sleep(min(0.2 * 2**failures, 5.0))
+            await retry.wait(failures, retry.PAGE, jitter=False)
             continue
         failures = 0
         groups = [Group(r["k"], r["n"]) for r in rows if r["rn"] != size]

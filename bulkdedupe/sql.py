@@ -113,6 +113,34 @@ def drop_index_concurrently(schema: str, index: str) -> str:
     return f"DROP INDEX CONCURRENTLY IF EXISTS {qualify(schema, index)}"
 
 
+# --- the scan index --create-scan-index builds (scanindex.py) -------------------------------
+
+# Checking, building, replacing or dropping a table's scan index: one session at a time
+# ($1: the quoted table). Only ever tried, never waited for inside pg_advisory_lock(): a
+# waiting statement holds a snapshot, which the holder's CREATE INDEX CONCURRENTLY waits out.
+SCAN_INDEX_DDL_LOCK = (
+    "SELECT pg_try_advisory_lock(hashtextextended('bulkdedupe.scan-index-ddl:' || $1, 0))"
+)
+SCAN_INDEX_DDL_UNLOCK = (
+    "SELECT pg_advisory_unlock(hashtextextended('bulkdedupe.scan-index-ddl:' || $1, 0))"
+)
+# Every run that scans by the index holds this shared for its whole life ($1: the quoted
+# index); dropping the index needs it exclusive, so an index a live run uses is never dropped.
+SCAN_INDEX_USE_LOCK = (
+    "SELECT pg_try_advisory_lock_shared(hashtextextended('bulkdedupe.scan-index:' || $1, 0))"
+)
+SCAN_INDEX_USE_UNLOCK = (
+    "SELECT pg_advisory_unlock_shared(hashtextextended('bulkdedupe.scan-index:' || $1, 0))"
+)
+SCAN_INDEX_DROP_LOCK = (
+    "SELECT pg_try_advisory_lock(hashtextextended('bulkdedupe.scan-index:' || $1, 0))"
+)
+SCAN_INDEX_DROP_UNLOCK = (
+    "SELECT pg_advisory_unlock(hashtextextended('bulkdedupe.scan-index:' || $1, 0))"
+)
+RESET_STATEMENT_TIMEOUT = "RESET statement_timeout"
+
+
 # --- state schema --------------------------------------------------------------------------
 
 
@@ -133,6 +161,10 @@ class StateSql:
     @cached_property
     def control(self) -> str:
         return qualify(self.schema, "control")
+
+    @cached_property
+    def skipped(self) -> str:
+        return qualify(self.schema, "skipped")
 
     # The privilege checks and init-state's GRANTs are derived from this DDL (state_objects):
     # write CREATE SCHEMA/TABLE/INDEX and ALTER TABLE ... ADD COLUMN, all IF NOT EXISTS;
@@ -182,6 +214,20 @@ class StateSql:
                 updated_at      timestamptz NOT NULL DEFAULT now(),
                 applied_at      timestamptz
             )""",
+            # Groups a run skipped (a lock it could not get, an error of the group's rows, no
+            # new value that fits): kept until a resume of the run resolves them, so the
+            # checkpoint can move past them and a resume still retries exactly these.
+            f"""CREATE TABLE IF NOT EXISTS {self.skipped} (
+                run_id     text NOT NULL,
+                group_key  text NOT NULL,
+                reason     text NOT NULL,
+                rows       bigint NOT NULL,
+                attempts   int NOT NULL DEFAULT 1,
+                error      text,
+                first_at   timestamptz NOT NULL DEFAULT now(),
+                last_at    timestamptz NOT NULL DEFAULT now(),
+                CONSTRAINT skipped_pkey PRIMARY KEY (run_id, group_key)
+            )""",
         ]
 
     @cached_property
@@ -229,8 +275,46 @@ class StateSql:
             WHERE run_id = $1"""
 
     @cached_property
+    def record_skip(self) -> str:
+        return f"""INSERT INTO {self.skipped} AS s (run_id, group_key, reason, rows, error)
+            VALUES ($1, $2, $3, $4, $5)
+            ON CONFLICT (run_id, group_key) DO UPDATE SET reason = excluded.reason,
+                rows = excluded.rows, error = excluded.error, attempts = s.attempts + 1,
+                last_at = now()"""
+
+    @cached_property
+    def resolve_skipped(self) -> str:
+        return f"DELETE FROM {self.skipped} WHERE run_id = $1 AND group_key = ANY($2::text[])"
+
+    @cached_property
+    def skipped_page(self) -> str:
+        return f"""SELECT group_key, rows FROM {self.skipped}
+            WHERE run_id = $1 AND group_key > $2 ORDER BY group_key LIMIT $3"""
+
+    @cached_property
+    def skipped_first_page(self) -> str:
+        return f"""SELECT group_key, rows FROM {self.skipped}
+            WHERE run_id = $1 ORDER BY group_key LIMIT $2"""
+
+    @cached_property
+    def skipped_by_reason(self) -> str:
+        return f"""SELECT reason, count(*)::bigint AS groups, sum(rows)::bigint AS rows
+            FROM {self.skipped} WHERE run_id = $1 GROUP BY reason ORDER BY reason"""
+
+    @cached_property
+    def skipped_groups_of_runs(self) -> str:
+        return f"""SELECT run_id, count(*)::bigint AS groups FROM {self.skipped}
+            WHERE run_id = ANY($1::text[]) GROUP BY run_id"""
+
+    @cached_property
     def count_changes(self) -> str:
         return f"SELECT count(*) FROM {self.changes} WHERE run_id = $1"
+
+    @cached_property
+    def mark_failed(self) -> str:
+        # only a run still marked running: a final status already written stays
+        return f"""UPDATE {self.runs} SET status = 'failed', finished_at = now(),
+            updated_at = now() WHERE run_id = $1 AND status = 'running'"""
 
     @cached_property
     def changes_page(self) -> str:
@@ -369,6 +453,8 @@ SELECT EXISTS (
 
 SET_LOCAL_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', $1, true)"
 
+RELATION_EXISTS = "SELECT to_regclass($1) IS NOT NULL"
+
 
 # --- the target table ----------------------------------------------------------------------
 
@@ -405,13 +491,18 @@ class TargetSql:
         grouped as they stream out of the index (no sort, no materialization). Returns the
         duplicate groups, plus the group holding entry number $3 (`rn` = $3): the page ended
         inside or after it, so its count may be cut short and is re-counted by `count_key`.
-        $1 = lower bound / cursor, $2 = upper bound (exclusive)."""
+        $1 = lower bound / cursor, $2 = upper bound (exclusive).
+
+        Groups come out in key order, which the producer's checkpoints rely on: said by the
+        outer ORDER BY, which the GroupAggregate's own order satisfies without a sort (a hash
+        aggregate, free to reorder without it, would checkpoint past unfinished groups)."""
         return f"""
 SELECT p.k, count(*) AS n, max(p.rn) AS rn FROM (
     SELECT {self.k} AS k, row_number() OVER (ORDER BY {self.k}) AS rn
     FROM {self.table} WHERE {self._page_where(lower, upper)} ORDER BY {self.k} LIMIT $3
 ) p
-GROUP BY p.k HAVING count(*) > 1 OR max(p.rn) = $3"""
+GROUP BY p.k HAVING count(*) > 1 OR max(p.rn) = $3
+ORDER BY p.k"""
 
     def scan_page_count(self, lower: LowerBound, upper: bool) -> str:
         """Entries in the last, short page of a range (for progress; at most $3 read)."""
@@ -444,8 +535,14 @@ SELECT pg_advisory_xact_lock(h) FROM (
 ) s"""
 
     def _order(self) -> str:
+        # NULLS always spelled out: PostgreSQL's default for DESC is NULLS FIRST (see OrderItem)
         parts = [self.k]
-        parts += [quote_ident(o.column) + (" DESC" if o.descending else "") for o in self.keep]
+        parts += [
+            quote_ident(o.column)
+            + (" DESC" if o.descending else " ASC")
+            + (" NULLS FIRST" if o.nulls_first else " NULLS LAST")
+            for o in self.keep
+        ]
         parts.append(self.p)
         return ", ".join(parts)
 
@@ -472,18 +569,26 @@ FROM unnest($1::{self.key_type}[]) AS v"""
         # commit together. Fewer rows than asked for: the caller rolls back and retries.
         return f"""
 WITH v AS (
-    SELECT * FROM unnest($1::{self.pk_type}[], $2::{self.key_type}[], $3::{self.key_type}[])
-        AS v(pk, old, new)
+    SELECT * FROM unnest($1::{self.pk_type}[], $2::{self.key_type}[], $3::{self.key_type}[],
+                         $5::{self.pk_type}[], $6::text[])
+        AS v(pk, old, new, survivor, old_text)
 ), u AS (
     UPDATE {self.table} t SET {self.k} = v.new FROM v
     WHERE t.{self.p} = v.pk AND t.{self.k} = v.old
+      -- the survivor still holds the old value (read, not locked: locking it would dirty a
+      -- page this tool never changes); if the application deleted or re-keyed it since the
+      -- batch read it, the losers stay as they are and the batch is tried again
+      AND EXISTS (SELECT 1 FROM {self.table} s WHERE s.{self.p} = v.survivor
+                  AND s.{self.k} = v.old)
       -- re-checked with this statement's snapshot, taken after the candidate's advisory lock:
       -- a worker that wrote the same value and released its lock just before is seen here
       AND NOT EXISTS (SELECT 1 FROM {self.table} o WHERE o.{self.k} = v.new)
-    RETURNING t.{self.p} AS pk, v.old, v.new
+    RETURNING t.{self.p} AS pk, v.old_text, v.new
 )
+-- old_text: the old value's exact text ($6; a bpchar::text cast would drop trailing blanks,
+-- and undo must put back the bytes the row held)
 INSERT INTO {self.state.changes} (run_id, pk, old_value, new_value)
-SELECT $4, u.pk::text, u.old::text, u.new::text FROM u"""
+SELECT $4, u.pk::text, u.old_text, u.new::text FROM u"""
 
 
 SET_BATCH_TIMEOUTS = (

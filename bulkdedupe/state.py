@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,7 +19,9 @@ from .db import Conn
 from .errors import RunStateError
 from .scanner import KeyRange
 
-RESUMABLE = ("running", "interrupted", "failed")
+# "incomplete": it ran to the end but skipped groups, which a resume retries.
+RESUMABLE = ("running", "interrupted", "failed", "incomplete")
+SKIPPED_PAGE = 1000  # skipped groups read per query when a resume retries them
 
 
 def new_run_id() -> str:
@@ -214,6 +218,13 @@ async def save_progress(
     )
 
 
+async def count_changes(conn: Conn, state: sql.StateSql, run_id: str, *, within: str) -> int:
+    """The run's audit rows, counted within `within` (statement_timeout syntax)."""
+    async with conn.transaction(readonly=True):
+        await conn.fetchval(sql.SET_LOCAL_STATEMENT_TIMEOUT, within)
+        return int(await conn.fetchval(state.count_changes, run_id))
+
+
 async def finish_run(
     conn: Conn,
     state: sql.StateSql,
@@ -235,4 +246,69 @@ async def finish_run(
         skipped,
         json.dumps(checkpoint),
         json.dumps(summary, default=str),
+    )
+
+
+class SkipLog:
+    """The groups a run skipped, and why. On --apply each is written to `<state>.skipped`
+    before the worker returns the item, so the checkpoint never passes a skipped group that
+    is not on record: a resume retries exactly these, and deletes each one it resolves. A dry
+    run writes nothing and only counts them."""
+
+    def __init__(self, pool: asyncpg.Pool | None, state: sql.StateSql, run_id: str) -> None:
+        self.pool = pool
+        self.state = state
+        self.run_id = run_id
+        self.groups: Counter[str] = Counter()  # reason -> groups skipped by this process
+
+    async def record(self, key: str, reason: str, rows: int, error: str) -> None:
+        self.groups[reason] += 1
+        if self.pool is not None:
+            await self.pool.execute(
+                self.state.record_skip, self.run_id, key, reason, rows, error[:2000]
+            )
+
+    async def resolved(self, keys: Sequence[str]) -> None:
+        if self.pool is not None and keys:
+            await self.pool.execute(self.state.resolve_skipped, self.run_id, list(keys))
+
+
+async def skipped_groups(
+    conn: Conn, state: sql.StateSql, run_id: str, *, page: int = SKIPPED_PAGE
+) -> AsyncIterator[list[tuple[str, int]]]:
+    """The run's skipped groups as (key, rows) pages, in key order (keyset: the table may
+    change while the pages are read)."""
+    rows = await conn.fetch(state.skipped_first_page, run_id, page)
+    while rows:
+        yield [(r["group_key"], r["rows"]) for r in rows]
+        if len(rows) < page:
+            return
+        rows = await conn.fetch(state.skipped_page, run_id, rows[-1]["group_key"], page)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SkippedSummary:
+    """What is on record as skipped for a run, by reason."""
+
+    groups: dict[str, int]
+    rows: dict[str, int]
+
+    @property
+    def total_groups(self) -> int:
+        return sum(self.groups.values())
+
+
+async def skipped_counts(conn: Conn, state: sql.StateSql, run_ids: Sequence[str]) -> dict[str, int]:
+    """Groups on record as skipped, per run (none where the table predates this release)."""
+    if not run_ids or not await conn.fetchval(sql.RELATION_EXISTS, state.skipped):
+        return {}
+    rows = await conn.fetch(state.skipped_groups_of_runs, list(run_ids))
+    return {r["run_id"]: r["groups"] for r in rows}
+
+
+async def skipped_summary(conn: Conn, state: sql.StateSql, run_id: str) -> SkippedSummary:
+    rows = await conn.fetch(state.skipped_by_reason, run_id)
+    return SkippedSummary(
+        groups={r["reason"]: r["groups"] for r in rows},
+        rows={r["reason"]: r["rows"] for r in rows},
     )

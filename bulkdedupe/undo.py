@@ -4,7 +4,6 @@ since are reported, never overwritten. Dry run by default."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,17 +12,20 @@ import anyio
 import asyncpg
 import structlog
 
-from . import catalog, db, signals, sql, state
+from . import catalog, db, errors, retry, signals, sql, state
+from .batching import LockBudget
 from .catalog import Target
 from .config import ConnectConfig, UndoConfig, redact_dsn
 from .db import Conn
 from .errors import BulkDedupeError, RunStateError, TargetError, from_driver
+from .planner import equality_key
 from .results import UndoSummary
-from .worker import RETRYABLE, batch_settings
+from .worker import batch_settings
 
 log = structlog.get_logger(__name__)
 
 CHANGED_SAMPLE = 10
+UNDO_CONCURRENCY = 1  # one batch at a time, on a pool of one connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +40,7 @@ class _StaleBatch(Exception):
     """Fewer rows restored than were found holding the run's value under lock: retry."""
 
 
-_RETRY: tuple[type[BaseException], ...] = (*RETRYABLE, _StaleBatch)
+_FAILURES: tuple[type[BaseException], ...] = (*errors.DRIVER_ERRORS, _StaleBatch)
 
 
 @dataclass
@@ -52,6 +54,13 @@ class _Tally:
     retries: int = 0
     changed_sample: list[str] = field(default_factory=list)
     sample: list[dict[str, Any]] = field(default_factory=list)
+    char_semantics: bool = False  # bpchar: trailing blanks do not count, as in the column
+
+    def same(self, current: str | None, value: str) -> bool:
+        """Whether the row's current value is `value`, as the column's equality says."""
+        return current is not None and equality_key(
+            current, char_semantics=self.char_semantics
+        ) == equality_key(value, char_semantics=self.char_semantics)
 
     def classify(self, c: _Change, present: bool, current: str | None) -> bool:
         """Count one audit row against the row's current value; True if it is to be restored."""
@@ -59,9 +68,9 @@ class _Tally:
         if not present:
             self.deleted += 1
             return False
-        if current == c.new:
+        if self.same(current, c.new):
             return True
-        if current == c.old:
+        if self.same(current, c.old):
             self.already += 1
         else:
             self.changed += 1
@@ -133,11 +142,13 @@ class _Undoer:
         self.ucfg = ucfg
         self.target = target
         self.run_id: str | None = None  # the undo's own run, once registered
-        self.tally = _Tally()
+        self.tally = _Tally(char_semantics=target.key_is_char)
         self.q = target.queries(state_schema)
         self.u = sql.UndoSql(self.q)
         # set by run() once the server says which --wal-compression it can have
         self.settings = batch_settings(ucfg.lock_timeout, ucfg.statement_timeout, None)
+        # and the most changes a batch may restore, once it says how big its lock table is
+        self.batch_size = ucfg.batch_size
 
     async def preview(self, conn: Conn, stop: anyio.Event) -> None:
         """Dry run: classify every audit row against current data, without locks or writes."""
@@ -161,7 +172,7 @@ class _Undoer:
         cursor = sql.MAX_BIGINT
         while not stop.is_set():
             page = await control.fetch(
-                self.u.changes_page_desc, self.ucfg.run_id, cursor, self.ucfg.batch_size
+                self.u.changes_page_desc, self.ucfg.run_id, cursor, self.batch_size
             )
             if not page:
                 return
@@ -180,7 +191,14 @@ class _Undoer:
         while True:
             try:
                 restore, counted = await self._transaction(pool, batch)
-            except _RETRY as exc:
+            except asyncpg.UniqueViolationError as exc:
+                raise TargetError(
+                    f"restoring violates unique index {exc.constraint_name} (created during the "
+                    "undo?); drop it first, then undo again: the batch was rolled back"
+                ) from exc
+            except _FAILURES as exc:
+                if not isinstance(exc, _StaleBatch) and not errors.retryable(exc):
+                    raise from_driver(exc, what="undo batch") from exc
                 attempt += 1
                 self.tally.retries += 1
                 if attempt > self.ucfg.max_retries:
@@ -189,15 +207,8 @@ class _Undoer:
                         "nothing of that batch was written: run the same undo again, it goes on "
                         "where it stopped"
                     ) from exc
-                await anyio.sleep(min(0.05 * 2**attempt, 2.0) * (0.5 + random.random()))
+                await retry.wait(attempt, retry.BATCH)
                 continue
-            except asyncpg.UniqueViolationError as exc:
-                raise TargetError(
-                    f"restoring violates unique index {exc.constraint_name} (created during the "
-                    "undo?); drop it first, then undo again: the batch was rolled back"
-                ) from exc
-            except asyncpg.PostgresError as exc:
-                raise from_driver(exc, what="undo batch") from exc
             # Counted only once the batch committed, so retries do not count twice.
             self.tally.changes += len(restore)
             for c, present, current in counted:
@@ -224,7 +235,7 @@ class _Undoer:
             for c in batch:
                 present = c.pk in current
                 value = current.get(c.pk)
-                if present and value == c.new:
+                if present and self.tally.same(value, c.new):
                     restore.append(c)
                 else:
                     counted.append((c, present, value))
@@ -263,7 +274,7 @@ async def undo(
     if handle_signals:
         tasks.append(lambda: signals.set_on_signal(stop))
     try:
-        async with db.connect(cfg) as control:
+        async with errors.boundary("undo"), db.connect(cfg) as control:
             run = await _find_run(control, st, ucfg.run_id, write=ucfg.apply)
             target = await _resolve(control, cfg, run, ucfg.apply)
             # Hold the undone run's own lock: it must not be executing (or resumed) meanwhile.
@@ -295,8 +306,6 @@ async def undo(
                     status = await _apply(cfg, ucfg, control, st, target, undoer, stop)
                     undo_run_id = undoer.run_id
             await source_lock.release()
-    except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
-        raise from_driver(exc, what="undo") from exc
     finally:
         structlog.contextvars.unbind_contextvars("undo_of", "table")
     return UndoSummary(
@@ -333,6 +342,8 @@ async def _apply(
     info = await catalog.server_info(control)
     method = await catalog.wal_compression(control, ucfg.wal_compression, info.version_num)
     undoer.settings = batch_settings(ucfg.lock_timeout, ucfg.statement_timeout, method)
+    # Two advisory locks per change (its old and its restored value), as a rename batch.
+    undoer.batch_size = LockBudget(info.lock_slots).clamp(ucfg.batch_size, UNDO_CONCURRENCY)
     undo_run_id = state.new_run_id()
     undo_lock = state.RunLock(control, undo_run_id)
     await undo_lock.acquire()
@@ -352,11 +363,19 @@ async def _apply(
         database_url=redact_dsn(cfg.database_url),
     )
     undoer.run_id = undo_run_id
-    log.info("undo started", run_id=undo_run_id, wal_compression=method or "server")
+    log.info(
+        "undo started",
+        run_id=undo_run_id,
+        wal_compression=method or "server",
+        # lower than batch_size when the server's lock table is small (LockBudget)
+        batch_ceiling=undoer.batch_size,
+    )
     status = "failed"
     t = undoer.tally
     try:
-        async with db.pool(cfg, size=1, statement_timeout=ucfg.statement_timeout) as pool:
+        async with db.pool(
+            cfg, size=UNDO_CONCURRENCY, statement_timeout=ucfg.statement_timeout
+        ) as pool:
             await undoer.apply(control, pool, stop)
         status = "interrupted" if stop.is_set() else "completed"
     finally:

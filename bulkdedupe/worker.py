@@ -5,59 +5,45 @@ losers and writes the audit rows in the same transaction. Retries by exception c
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, NamedTuple
 
 import anyio
 import asyncpg
 import structlog
 
-from . import sql
+from . import retry, sql
 from .batching import BatchSizer
 from .catalog import Target
-from .db import CONNECTION_LOST, Conn
-from .errors import ConnectError, from_driver
+from .db import Conn
+from .errors import (
+    CONNECTION_LOST,
+    DRIVER_ERRORS,
+    Action,
+    ConnectError,
+    Verdict,
+    classify,
+    from_driver,
+)
 from .planner import GroupPlan, Row, candidates, plan_groups
 from .progress import Stats
 from .scanner import Group
+from .state import SkipLog
+from .throttle import Stopping
 
 log = structlog.get_logger(__name__)
-
-# Failures that say "not now": the batch rolled back as a whole and can be tried again.
-RETRYABLE: tuple[type[BaseException], ...] = (
-    asyncpg.LockNotAvailableError,  # lock_timeout
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-    asyncpg.QueryCanceledError,  # statement_timeout
-    asyncpg.TooManyConnectionsError,
-    TimeoutError,
-    *CONNECTION_LOST,  # pg_terminate_backend, a restart, a closed socket
-)
-
-# Failures that belong to the rows of one group (a CHECK constraint, a trigger refusing the new
-# value...): the group is skipped with the error named, the run goes on.
-GROUP_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.IntegrityConstraintViolationError,
-    asyncpg.DataError,
-)
-
-SKIP_REASONS: dict[type[BaseException], str] = {
-    asyncpg.LockNotAvailableError: "lock_timeout",
-    asyncpg.DeadlockDetectedError: "deadlock",
-    asyncpg.SerializationError: "serialization_failure",
-    asyncpg.QueryCanceledError: "statement_timeout",
-}
 
 MAX_CANDIDATE_ROUNDS = 20
 
 
 class StaleBatch(Exception):
-    """The UPDATE touched fewer rows than were read under lock: roll back and retry."""
+    """The UPDATE touched fewer rows than were read under lock (a row or a survivor changed
+    in between): roll back and retry, deciding again on the data as it is now."""
 
 
-RETRY_OR_STALE: tuple[type[BaseException], ...] = (*RETRYABLE, StaleBatch)
+STALE = Verdict(Action.RETRY, "stale_batch")
+RETRY_OR_FAIL: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, StaleBatch)
 
 
 def batch_settings(
@@ -71,15 +57,6 @@ def batch_settings(
     return (sql.SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION, *timeouts, wal_compression)
 
 
-def skip_reason(exc: BaseException) -> str:
-    for cls, reason in SKIP_REASONS.items():
-        if isinstance(exc, cls):
-            return reason
-    if isinstance(exc, RETRYABLE):
-        return "connection_lost"
-    return type(exc).__name__
-
-
 @dataclass(frozen=True, slots=True)
 class WorkItem:
     """Groups handed to a worker; `seq` orders the items of one key range for checkpoints."""
@@ -88,10 +65,13 @@ class WorkItem:
     seq: int
     groups: tuple[Group, ...]
     last_key: str | None
+    retry: bool = False  # groups a previous process skipped (from `<state>.skipped`)
 
-    def __reduce__(self) -> tuple[type[WorkItem], tuple[int, int, tuple[Group, ...], str | None]]:
+    def __reduce__(
+        self,
+    ) -> tuple[type[WorkItem], tuple[int, int, tuple[Group, ...], str | None, bool]]:
         # spooled to disk: pickle as a plain tuple, not through dataclasses.fields()
-        return (WorkItem, (self.range_index, self.seq, self.groups, self.last_key))
+        return (WorkItem, (self.range_index, self.seq, self.groups, self.last_key, self.retry))
 
 
 class Rename(NamedTuple):
@@ -99,13 +79,30 @@ class Rename(NamedTuple):
     old: str
     new: str
     survivor_pk: Any
+    group: str  # the group's key as the scan spelled it (bpchar: may differ from `old`)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """One group of a work item while it is worked off, over one or more transactions."""
+
+    count: int  # rows holding the key, as last known
+    decided: set[Any] = field(default_factory=set)  # losers that got no value: never again
+    unplaceable: int = 0
+    examples: list[str] = field(default_factory=list)  # a few of their pks, for the operator
+    skipped: bool = False
+
+    @property
+    def undecided(self) -> int:
+        """The renames it may still need (at least 1: a group is never free to take)."""
+        return max(self.count - 1 - len(self.decided), 1)
 
 
 @dataclass(frozen=True, slots=True)
 class TxResult:
     renames: list[Rename]
     no_longer_duplicate: list[str]
-    unplaceable: list[Row]
+    unplaceable: list[tuple[str, Row]]  # (group key, row) that no candidate value fits
     leftover: list[str]  # keys whose groups exceed the batch budget: go again
 
 
@@ -143,6 +140,7 @@ class Worker:
         run_id: str,
         apply: bool,
         sizer: BatchSizer,
+        skips: SkipLog,
         template: str,
         lock_timeout: float,
         statement_timeout: float,
@@ -160,6 +158,7 @@ class Worker:
         self.run_id = run_id
         self.apply = apply
         self.sizer = sizer
+        self.skips = skips
         self.template = template
         self.settings = batch_settings(lock_timeout, statement_timeout, wal_compression)
         self.max_retries = max_retries
@@ -173,32 +172,59 @@ class Worker:
 
     async def handle(self, item: WorkItem) -> None:
         """Work off every group of the item, in transactions of at most the sizer's current
-        size (a group larger than that takes several)."""
-        counts = {g.key: g.count for g in item.groups}
-        pending = [g.key for g in item.groups]
+        size (a group larger than that takes several). Every row is decided once: renamed, or
+        skipped with its reason; skipped groups are on record (`SkipLog`) when this returns."""
+        groups = {g.key: _Progress(g.count) for g in item.groups}
+        pending = list(groups)
         while pending:
-            budget = self.sizer.size
-            take, rows = 0, 0
-            while take < len(pending) and (take == 0 or rows + counts[pending[take]] - 1 <= budget):
-                rows += counts[pending[take]] - 1
-                take += 1
-            leftover = await self._with_retries(pending[:take], counts)
+            take = self._take(pending, groups)
+            leftover = await self._with_retries(pending[:take], groups)
             pending = leftover + pending[take:]
+        for key, g in groups.items():
+            if g.unplaceable and not g.skipped:
+                await self._skip_group(
+                    key,
+                    g,
+                    "no_unique_value_fits",
+                    g.unplaceable,
+                    f"no new value from --template fits the column "
+                    f"({self.target.key_max_length} characters) for {g.unplaceable} row(s), "
+                    f"e.g. pk {', '.join(g.examples)}",
+                )
+        if item.retry:
+            # groups a previous process skipped: those not skipped again are resolved now
+            await self.skips.resolved([k for k, g in groups.items() if not g.skipped])
 
-    async def _with_retries(self, keys: list[str], counts: dict[str, int]) -> list[str]:
+    def _take(self, pending: list[str], groups: dict[str, _Progress]) -> int:
+        """How many of the pending groups the next transaction takes: at least one, then as
+        many as fit the batch size (a group's undecided losers count)."""
+        budget = self.sizer.size
+        take, rows = 0, 0
+        while take < len(pending):
+            n = groups[pending[take]].undecided
+            if take and rows + n > budget:
+                break
+            rows += n
+            take += 1
+        return take
+
+    async def _with_retries(self, keys: list[str], groups: dict[str, _Progress]) -> list[str]:
         attempt = 0
         while True:
             try:
-                return await self._once(keys, counts)
-            except RETRY_OR_STALE as exc:
+                return await self._once(keys, groups)
+            except Stopping:
+                raise
+            except RETRY_OR_FAIL as exc:
                 error: BaseException = exc
-            except GROUP_ERRORS as exc:
-                if len(keys) == 1:
-                    self._skip(keys, counts, type(exc).__name__, exc)
-                    return []
-                return await self._one_by_one(keys, counts)
-            except asyncpg.PostgresError as exc:
-                raise from_driver(exc, what="batch transaction") from exc
+                verdict = STALE if isinstance(exc, StaleBatch) else classify(exc)
+            if verdict.action is Action.FATAL:
+                raise from_driver(error, what="batch transaction") from error
+            if verdict.action is Action.SKIP_GROUP:
+                if len(keys) > 1:
+                    return await self._one_by_one(keys, groups)  # find the group it belongs to
+                await self._skip(keys, groups, verdict.reason, error)
+                return []
             attempt += 1
             self.stats.retries += 1
             self.sizer.failed()
@@ -214,32 +240,46 @@ class Worker:
                     ) from error
                 if len(keys) > 1:
                     # One hot key must not sink the whole batch: go group by group.
-                    return await self._one_by_one(keys, counts)
-                self._skip(keys, counts, skip_reason(error), error)
+                    return await self._one_by_one(keys, groups)
+                await self._skip(keys, groups, verdict.reason, error)
                 return []
-            delay = min(0.05 * 2**attempt, 2.0) * (0.5 + random.random())
-            log.debug("batch retry", attempt=attempt, error=type(error).__name__, delay=delay)
-            await anyio.sleep(delay)
+            delay = await retry.wait(attempt, retry.BATCH)
+            log.debug(
+                "batch retry",
+                attempt=attempt,
+                error=type(error).__name__,
+                reason=verdict.reason,
+                delay=delay,
+            )
 
-    async def _one_by_one(self, keys: list[str], counts: dict[str, int]) -> list[str]:
+    async def _one_by_one(self, keys: list[str], groups: dict[str, _Progress]) -> list[str]:
         leftover: list[str] = []
         for key in keys:
-            leftover += await self._with_retries([key], counts)
+            leftover += await self._with_retries([key], groups)
         return leftover
 
-    def _skip(
-        self, keys: list[str], counts: dict[str, int], reason: str, exc: BaseException
+    async def _skip(
+        self, keys: list[str], groups: dict[str, _Progress], reason: str, exc: BaseException
     ) -> None:
-        rows = sum(counts.get(k, 2) - 1 for k in keys)
-        self.stats.skip(reason, rows)
-        self.stats.groups_done += len(keys)
-        log.warning("groups skipped", reason=reason, groups=len(keys), rows=rows, error=str(exc))
+        detail = f"{type(exc).__name__}: {exc}"
+        for key in keys:
+            g = groups[key]
+            await self._skip_group(key, g, reason, g.undecided, detail)
+            self.stats.groups_done += 1
+        log.warning("groups skipped", reason=reason, groups=len(keys), error=detail)
 
-    async def _once(self, keys: list[str], counts: dict[str, int]) -> list[str]:
+    async def _skip_group(self, key: str, g: _Progress, reason: str, rows: int, error: str) -> None:
+        g.skipped = True
+        self.stats.skip(reason, rows)
+        self.stats.skipped_groups += 1
+        await self.skips.record(key, reason, rows, error)
+
+    async def _once(self, keys: list[str], groups: dict[str, _Progress]) -> list[str]:
         if self.before_batch is not None:
             await self.before_batch()
         started = anyio.current_time()
-        result = await self._transaction(keys, self.sizer.size)
+        decided = {pk for k in keys for pk in groups[k].decided}
+        result = await self._transaction(keys, self.sizer.size, decided)
         seconds = anyio.current_time() - started
         self.sizer.observe(len(result.renames), seconds)
         self.stats.batch_seconds.append(seconds)
@@ -247,14 +287,23 @@ class Worker:
         self.stats.batches += 1
         self.stats.renamed += len(result.renames)
         for key in result.no_longer_duplicate:
-            self.stats.skip("no_longer_duplicate", max(counts.get(key, 2) - 1, 0))
+            self.stats.skip("no_longer_duplicate", max(groups[key].count - 1, 0))
+        for key, row in result.unplaceable:
+            # decided for good: never picked again, so the group's next transaction moves on
+            g = groups[key]
+            g.decided.add(row.pk)
+            g.unplaceable += 1
+            if len(g.examples) < 5:
+                g.examples.append(str(row.pk))
         if result.unplaceable:
-            self.stats.skip("no_unique_value_fits", len(result.unplaceable))
             log.warning(
                 "rows left unrenamed: no candidate value fits the column",
-                pks=[str(r.pk) for r in result.unplaceable[:10]],
+                pks=[str(r.pk) for _, r in result.unplaceable[:10]],
                 max_length=self.target.key_max_length,
             )
+        for key, renamed in _count_by_key(result.renames).items():
+            g = groups[key]
+            g.count = max(g.count - renamed, 1)
         done = len(keys) - len(result.leftover)
         self.stats.groups_done += done
         if self.plan is not None and result.renames:
@@ -264,7 +313,7 @@ class Worker:
             self.sample.extend(result.renames[: self.sample_size - len(self.sample)])
         return result.leftover
 
-    async def _transaction(self, keys: list[str], size: int) -> TxResult:
+    async def _transaction(self, keys: list[str], size: int, decided: set[Any]) -> TxResult:
         budget = size if self.apply else 1 << 62
         async with self.pool.acquire() as conn, conn.transaction(readonly=not self.apply):
             await conn.fetch(*self.settings)
@@ -275,7 +324,15 @@ class Worker:
             # the survivors too would write and WAL-log (full-page image) heap pages that this
             # tool never changes: about one more page per group.
             rows = await conn.fetch(self.q.read_groups, keys)
-            plans, single = plan_groups([Row(r["pk"], r["k"]) for r in rows], budget)
+            # grouped as the unique index compares (bpchar: trailing blanks do not count), and
+            # named by this batch's keys, so `seen` and the leftovers speak the scan's spelling
+            plans, single = plan_groups(
+                [Row(r["pk"], r["k"]) for r in rows],
+                budget,
+                char_semantics=self.target.key_is_char,
+                asked=keys,
+                decided=decided,
+            )
             seen = {p.key for p in plans} | set(single)
             gone = [k for k in keys if k not in seen]  # no row holds the key any more
             renames, unplaceable = await self._assign(conn, plans)
@@ -286,28 +343,32 @@ class Worker:
                     [r.old for r in renames],
                     [r.new for r in renames],
                     self.run_id,
+                    [r.survivor_pk for r in renames],
+                    [r.old for r in renames],
                 )
                 if int(status.split()[-1]) != len(renames):
                     raise StaleBatch(f"expected {len(renames)} renames, wrote {status}")
         leftover = [p.key for p in plans if p.rest > 0] if self.apply else []
         return TxResult(renames, single + gone, unplaceable, leftover)
 
-    async def _assign(self, conn: Conn, plans: list[GroupPlan]) -> tuple[list[Rename], list[Row]]:
+    async def _assign(
+        self, conn: Conn, plans: list[GroupPlan]
+    ) -> tuple[list[Rename], list[tuple[str, Row]]]:
         """Give every loser a new value that no row holds, that no other row of this batch
         gets, and (on --apply) whose advisory lock we could take, so concurrent workers never
         pick the same value."""
         t = self.target
         gens = {}
-        owner: dict[Any, tuple[Row, Any]] = {}
+        owner: dict[Any, tuple[Row, Any, str]] = {}
         for p in plans:
             for row in p.losers:
                 gens[row.pk] = candidates(
                     self.template, row.value, row.pk, t.key_max_length, char_semantics=t.key_is_char
                 )
-                owner[row.pk] = (row, p.survivor.pk)
+                owner[row.pk] = (row, p.survivor.pk, p.key)
         chosen: dict[Any, str] = {}
         used: set[str] = set()
-        unplaceable: list[Row] = []
+        unplaceable: list[Any] = []
         pending = list(gens)
         for _ in range(MAX_CANDIDATE_ROUNDS):
             if not pending:
@@ -321,7 +382,7 @@ class Worker:
                         asked.add(c)
                         break
                 else:
-                    unplaceable.append(owner[pk][0])
+                    unplaceable.append(pk)
             if not asking:
                 pending = []
                 break
@@ -337,13 +398,20 @@ class Worker:
                 else:
                     used.add(c)  # taken or locked by another worker: never ask again
                     pending.append(pk)
-        unplaceable += [owner[pk][0] for pk in pending]
-        renames = [Rename(pk, owner[pk][0].value, new, owner[pk][1]) for pk, new in chosen.items()]
-        return renames, unplaceable
+        unplaceable += pending
+        renames = [
+            Rename(pk, owner[pk][0].value, new, owner[pk][1], owner[pk][2])
+            for pk, new in chosen.items()
+        ]
+        return renames, [(owner[pk][2], owner[pk][0]) for pk in unplaceable]
 
 
 def _by_key(renames: list[Rename]) -> dict[str, list[Rename]]:
     out: dict[str, list[Rename]] = {}
     for r in renames:
-        out.setdefault(r.old, []).append(r)
+        out.setdefault(r.group, []).append(r)
     return out
+
+
+def _count_by_key(renames: list[Rename]) -> dict[str, int]:
+    return {k: len(v) for k, v in _by_key(renames).items()}

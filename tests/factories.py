@@ -11,6 +11,9 @@ from typing import Any
 
 import asyncpg
 
+from bulkdedupe import ConnectConfig, RunConfig, ScanConfig
+from bulkdedupe.config import parse_column, parse_table
+
 
 async def _fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn)
@@ -99,3 +102,24 @@ def shuffled(layout: Mapping[str | None, int], *, seed: int = 1) -> list[tuple[s
     rows: list[tuple[str | None]] = [(k,) for k, n in layout.items() for _ in range(n)]
     random.Random(seed).shuffle(rows)
     return rows
+
+
+# Small pages and batches, several scanners and workers: the paths a big table takes.
+SMALL = ScanConfig(page_size=100, scanners=2)
+
+
+def connect(
+    dsn: str, table: str = "payments", key: str = "transaction_id", **kw: Any
+) -> ConnectConfig:
+    """The library's ConnectConfig for a test table."""
+    return ConnectConfig(
+        database_url=dsn, table=parse_table(table), key=parse_column(key, "--key"), **kw
+    )
+
+
+def apply_cfg(**kw: Any) -> RunConfig:
+    """An --apply RunConfig with small batches and several workers (override any field)."""
+    kw.setdefault("batch_size", 100)
+    kw.setdefault("concurrency", 3)
+    kw.setdefault("scan", SMALL)
+    return RunConfig(apply=True, **kw)

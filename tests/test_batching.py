@@ -1,4 +1,5 @@
-"""Adaptive batch sizing (pure): stays in bounds, shrinks at once, grows gradually."""
+"""Adaptive batch sizing (pure): stays in bounds, shrinks at once, grows gradually; the lock
+table's ceiling, and a live `set` that goes through it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bulkdedupe.batching import GROWTH, BatchSizer
+from bulkdedupe.batching import GROWTH, LOCKS_PER_ROW, BatchSizer, LockBudget
 
 observations = st.lists(
     st.tuples(st.integers(min_value=1, max_value=10_000), st.floats(min_value=1e-4, max_value=30)),
@@ -83,3 +84,26 @@ def test_noisy_batches_mostly_stay_under_the_target() -> None:
         sizer.observe(sizer.size, seconds)
     assert over / (steps - 200) < 0.06  # the mean alone would put about half of them over
     assert sizer.size > 400  # and it did not shrink to nothing to get there
+
+
+@given(
+    slots=st.integers(min_value=0, max_value=10_000_000),
+    batch=st.integers(min_value=1, max_value=100_000),
+    concurrency=st.integers(min_value=1, max_value=64),
+)
+def test_the_workers_together_hold_at_most_half_the_lock_table(
+    slots: int, batch: int, concurrency: int
+) -> None:
+    budget = LockBudget(slots)
+    size = budget.clamp(batch, concurrency)
+    assert 1 <= size <= batch
+    if slots >= 2 * concurrency * LOCKS_PER_ROW:  # else even one row a batch is too many
+        assert concurrency * size * LOCKS_PER_ROW <= slots // 2
+    # more workers never allow bigger batches
+    assert budget.clamp(batch, concurrency + 1) <= size
+
+
+@given(batch=st.integers(min_value=1), concurrency=st.integers(min_value=1, max_value=64))
+def test_no_lock_table_no_ceiling(batch: int, concurrency: int) -> None:
+    assert LockBudget(None).ceiling(concurrency) is None
+    assert LockBudget(None).clamp(batch, concurrency) == batch

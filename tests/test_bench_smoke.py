@@ -11,8 +11,11 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from tests.helpers import REPO_ROOT
+from benchmarks.baselines import extrapolate, per_row
+from tests.helpers import REPO_ROOT, create_payments, sync
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +107,29 @@ def test_bench_harness_end_to_end(dsn: str, tmp_path: Path) -> None:
     assert len(results["plots"]) == 2
     # The harness drops the databases it made.
     assert asyncio.run(_databases(dsn, prefix)) == []
+
+
+def test_per_row_estimate_is_never_below_the_time_measured(dsn: str) -> None:
+    """A fast machine finishes the measured part in milliseconds: the extrapolated full time
+    must still be at least that (it was rounded to 0.0 s once)."""
+    sync(create_payments(dsn, rows=[(f"k{i % 50}",) for i in range(100)]))
+    result = sync(per_row(dsn, max_rows=2))
+    assert result.extrapolated
+    assert result.rows_renamed == 2
+    assert result.estimated_duration_s >= result.duration_s > 0
+
+
+@given(
+    scan_s=st.floats(min_value=0, max_value=100),
+    update_s=st.floats(min_value=0, max_value=100),
+    done=st.integers(min_value=0, max_value=10**6),
+    more=st.integers(min_value=0, max_value=10**6),
+)
+def test_extrapolation_is_at_least_the_measured_time(
+    scan_s: float, update_s: float, done: int, more: int
+) -> None:
+    seconds = scan_s + update_s
+    estimate = extrapolate(seconds, scan_s, done, done + more)
+    assert estimate >= seconds
+    if not more:
+        assert estimate == seconds

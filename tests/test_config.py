@@ -140,17 +140,54 @@ def test_quoted_identifiers_round_trip(parts: list[str]) -> None:
             (OrderItem("created_at", True), OrderItem("id", True)),
         ),
         ('"CreatedAt" desc, Id', (OrderItem("CreatedAt", True), OrderItem("id", False))),
+        # NULLs go last unless told otherwise, whatever the direction (PostgreSQL's default for
+        # DESC is NULLS FIRST, which would let a row without a created_at survive)
+        ("created_at desc nulls first", (OrderItem("created_at", True, nulls_first=True),)),
+        ("created_at DESC NULLS LAST", (OrderItem("created_at", True, nulls_first=False),)),
+        ("created_at nulls first", (OrderItem("created_at", False, nulls_first=True),)),
+        ("created_at asc  nulls\tlast", (OrderItem("created_at", False, nulls_first=False),)),
+        (
+            "created_at desc nulls first, id",
+            (OrderItem("created_at", True, nulls_first=True), OrderItem("id", False)),
+        ),
+        # words that are columns when they stand alone or are quoted
+        ("nulls", (OrderItem("nulls", False),)),
+        ("nulls desc nulls first", (OrderItem("nulls", True, nulls_first=True),)),
+        ('"desc nulls first"', (OrderItem("desc nulls first", False),)),
     ],
 )
 def test_parse_keep(text: str, expected: tuple[OrderItem, ...]) -> None:
     assert parse_keep(text) == expected
 
 
+def test_order_item_defaults_to_nulls_last() -> None:
+    assert OrderItem("created_at", descending=True).nulls_first is False
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "created_at nulls",
+        "created_at nulls middle",
+        "created_at nulls first desc",  # the direction comes first, as in SQL
+        "created_at desc nulls first nulls last",
+        "created_at desc desc",
+        "created_at first",
+    ],
+)
+def test_parse_keep_rejects_bad_nulls_order_in_one_line(text: str) -> None:
+    with pytest.raises(UsageError) as info:
+        parse_keep(text)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"--keep {text!r}")
+    assert "COLUMN [asc|desc] [nulls first|last]" in message
+
+
 @pytest.mark.parametrize(
     "text",
     [
         "created_at; DROP TABLE x; --",
-        "created_at desc nulls first",
         "created_at descending",
         "lower(created_at)",
         "created_at + 1",

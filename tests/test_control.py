@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import anyio
@@ -12,10 +13,12 @@ import asyncpg
 import pytest
 from click.testing import CliRunner
 
-from bulkdedupe import RunConfig, run
+from bulkdedupe import RunConfig, RunStateError, run
+from bulkdedupe.batching import LockBudget
 from bulkdedupe.cli import main
-from bulkdedupe.config import ConnectConfig, parse_table
+from bulkdedupe.config import ConnectConfig, ThrottleConfig, parse_table
 from bulkdedupe.control import request, status
+from bulkdedupe.results import RunStatus
 from tests.factories import audit_rows, duplicate_groups, shuffled
 from tests.helpers import REPO_ROOT, create_payments, fetch_keys
 
@@ -209,3 +212,79 @@ async def test_a_run_marked_running_without_a_process_is_refused(dsn: str) -> No
     assert rc == 3
     assert "no process is executing it" in stderr
     assert "--run-id crashed" in stderr
+
+
+LOCK_SLOTS = """
+SELECT current_setting('max_locks_per_transaction')::int
+       * (current_setting('max_connections')::int
+          + current_setting('max_prepared_transactions')::int)"""
+
+
+async def test_set_concurrency_upward_lowers_the_batch_ceiling(dsn: str) -> None:
+    """More workers share the same lock table: `set --concurrency` upward lowers the batch
+    ceiling (two advisory locks a rename), and a `set --batch-size` above it stays under it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        budget = LockBudget(int(await conn.fetchval(LOCK_SLOTS)))
+        one, eight = budget.ceiling(1), budget.ceiling(8)
+        assert one is not None
+        assert eight is not None
+        batch = min(400, one)
+        if eight >= batch:
+            pytest.skip(f"this server's lock table allows {eight}-row batches for 8 workers")
+        await create_payments(
+            dsn, rows=shuffled({f"k{i:05d}": 2 for i in range(4 * batch)}, seed=3)
+        )
+        # paused (by its --throttle-query) from the start until the test says go
+        await conn.execute("CREATE TABLE hold (paused boolean); INSERT INTO hold VALUES (true)")
+        cfg = ConnectConfig(database_url=dsn, table=parse_table("payments"))
+        run_cfg = RunConfig(
+            apply=True,
+            run_id="wide",
+            batch_size=batch,
+            concurrency=1,
+            target_batch_time=None,
+            throttle=ThrottleConfig(throttle_query="SELECT paused FROM hold"),
+        )
+        summaries = []
+
+        async def execute() -> None:
+            summaries.append(await run(cfg, run_cfg))
+
+        async def written_after(moment: datetime) -> RunStatus:
+            """The first status the process wrote after `moment` (server time)."""
+            live: list[RunStatus] = []
+
+            async def fresh() -> bool:
+                try:
+                    live.append(await status(cfg, "wide"))
+                except RunStateError:  # not registered yet
+                    return False
+                # with what the process reports of itself (not only its registration)
+                return live[-1].updated_at > moment and live[-1].batch_ceiling is not None
+
+            await until(fresh, "a status written by the run")
+            return live[-1]
+
+        async def obeyed(settings: dict[str, int]) -> RunStatus:
+            await request(cfg, "wide", verb="set", settings=settings)
+            return await written_after(await conn.fetchval("SELECT now()"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(execute)
+            live = await written_after(await conn.fetchval("SELECT now()"))
+            assert (live.concurrency, live.batch_ceiling) == (1, batch)
+            live = await obeyed({"concurrency": 8})
+            assert (live.concurrency, live.batch_ceiling) == (8, eight)
+            live = await obeyed({"batch_size": 10 * batch})
+            assert live.batch_ceiling == eight
+            await conn.execute("UPDATE hold SET paused = false")
+        (summary,) = summaries
+        assert summary.status == "completed"
+        assert summary.rows_renamed == 4 * batch
+        sizes = [n for _, n in await transactions(conn, "wide")]
+        assert sum(sizes) == 4 * batch
+        assert max(sizes) <= eight, sizes
+    finally:
+        await conn.close()
+    assert await duplicate_groups(dsn) == {}

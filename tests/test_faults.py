@@ -332,19 +332,32 @@ async def test_app_holding_past_every_retry_gets_the_group_skipped_then_a_rerun_
         code, out, err = await cli(*args)
         assert code == EXIT_DUPLICATES, err  # rows left duplicated because of errors
         summary = json.loads(out)
-        assert summary["status"] == "completed"
+        assert summary["status"] == "incomplete"  # not "completed": a group is left
         assert summary["skipped"] == {"lock_timeout": 2}  # reported, with the reason
+        assert summary["skipped_groups"] == 1
+        assert summary["skipped_groups_by_reason"] == {"lock_timeout": 1}
+        assert f"--run-id {summary['run_id']}" in summary["retry_command"]
         assert summary["rows_renamed"] == total - 2  # everything else is done
         assert await check_audit(conn, before) == total - 2
+        skipped = await conn.fetch("SELECT group_key, reason, attempts FROM bulkdedupe.skipped")
+        assert [tuple(r) for r in skipped] == [("pair-020h", "lock_timeout", 1)]
+        row = await run_row(conn, summary["run_id"])
+        assert row is not None
+        assert row["status"] == "incomplete"
         await tx.commit()
     finally:
         await holder.close()
 
-    code, out, err = await cli(*args)
+    # The resume retries exactly the skipped group: the checkpoint had moved past it.
+    code, out, err = await cli(*args, "--run-id", summary["run_id"])
     assert code == EXIT_OK, err
-    assert json.loads(out)["rows_renamed"] == 2
+    resumed = json.loads(out)
+    assert resumed["status"] == "completed"
+    assert resumed["rows_renamed"] == 2
+    assert resumed["skipped_groups"] == 0
     assert await check_audit(conn, before) == total
     assert await duplicate_groups(conn) == 0
+    assert await conn.fetchval("SELECT count(*) FROM bulkdedupe.skipped") == 0
 
 
 # --- 4. a real deadlock with an application -------------------------------------------------

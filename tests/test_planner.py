@@ -13,6 +13,7 @@ from bulkdedupe.planner import (
     Row,
     candidate,
     candidates,
+    equality_key,
     group_rows,
     plan_groups,
 )
@@ -234,3 +235,62 @@ def test_big_group_is_worked_off_over_several_budgets() -> None:
         group = [r for r in group if r not in renamed]
         rounds += 1
     assert rounds == 10  # 999 losers, 100 per round
+
+
+# --- char(n) and bpchar: trailing blanks are insignificant ---------------------------------------
+
+
+def test_equality_key_drops_trailing_spaces_only_for_char() -> None:
+    assert equality_key("a  ", char_semantics=True) == "a"
+    assert equality_key("a  ", char_semantics=False) == "a  "
+    # only spaces, as bpchar's equality: leading blanks, tabs and no-break spaces stay
+    for value in (" a", "a\t", "a\u00a0", "a \t"):
+        assert equality_key(value, char_semantics=True) == value
+    assert equality_key("   ", char_semantics=True) == ""
+
+
+@st.composite
+def padded_rows(draw: st.DrawFn) -> list[Row]:
+    """Rows of a bpchar column as the worker reads them: sorted by the key without its trailing
+    blanks, each row's value carrying its own padding."""
+    stems = sorted(draw(st.lists(st.text(alphabet="ab é", max_size=3), max_size=8, unique=True)))
+    stems = [s for s in stems if s == s.rstrip(" ")]
+    rows: list[Row] = []
+    for stem in stems:
+        for _ in range(draw(st.integers(1, 6))):
+            rows.append(Row(len(rows) + 1, stem + " " * draw(st.integers(0, 3))))
+    return rows
+
+
+@given(rows=padded_rows())
+def test_group_rows_with_char_semantics_ignores_padding(rows: list[Row]) -> None:
+    groups = group_rows(rows, char_semantics=True)
+    assert [r for g in groups for r in g] == rows
+    stripped = [Row(r.pk, r.value.rstrip(" ")) for r in rows]
+    assert [[r.pk for r in g] for g in groups] == [[r.pk for r in g] for g in group_rows(stripped)]
+
+
+@given(rows=padded_rows(), budget=st.integers(0, 30), data=st.data())
+def test_plan_groups_names_groups_as_the_caller_asked(
+    rows: list[Row], budget: int, data: st.DataObject
+) -> None:
+    # The scan's key of a group is any one of its spellings; the worker looks its plans up by it.
+    stems = sorted({r.value.rstrip(" ") for r in rows})
+    asked = [s + " " * data.draw(st.integers(0, 3)) for s in stems]
+    plans, single = plan_groups(rows, budget, char_semantics=True, asked=asked)
+
+    assert sorted([p.key for p in plans] + single) == sorted(asked)
+    sizes = {s: sum(r.value.rstrip(" ") == s for r in rows) for s in stems}
+    for p in plans:
+        stem = p.key.rstrip(" ")
+        assert sizes[stem] > 1
+        assert len(p.losers) + p.rest == sizes[stem] - 1
+        assert all(r.value.rstrip(" ") == stem for r in (p.survivor, *p.losers))
+    assert all(sizes[k.rstrip(" ")] == 1 for k in single)
+
+
+def test_plan_groups_without_char_semantics_keeps_padded_values_apart() -> None:
+    rows = [Row(1, "a"), Row(2, "a "), Row(3, "a ")]
+    plans, single = plan_groups(rows, 10, asked=["a", "a "])
+    assert single == ["a"]
+    assert [(p.key, p.survivor.pk, [r.pk for r in p.losers]) for p in plans] == [("a ", 2, [3])]

@@ -17,10 +17,14 @@ import asyncpg
 import pytest
 
 from bulkdedupe import ConnectConfig, RunConfig, RunSummary, ScanConfig, run, scan, verify
-from bulkdedupe.config import parse_column, parse_keep, parse_table
+from bulkdedupe.config import parse_keep
+from bulkdedupe.planner import equality_key
 from tests.factories import (
+    SMALL,
     Expected,
+    apply_cfg,
     audit_rows,
+    connect,
     duplicate_groups,
     expected_plan,
     fetch_all,
@@ -28,27 +32,9 @@ from tests.factories import (
     shuffled,
     state_schema_exists,
 )
-from tests.helpers import EPOCH, create_payments, table_checksum
+from tests.helpers import EPOCH, create_payments, fetch, table_checksum
 
 pytestmark = pytest.mark.anyio
-
-# Small pages and batches, several scanners and workers: the paths a big table takes.
-SMALL = ScanConfig(page_size=100, scanners=2)
-
-
-def connect(
-    dsn: str, table: str = "payments", key: str = "transaction_id", **kw: Any
-) -> ConnectConfig:
-    return ConnectConfig(
-        database_url=dsn, table=parse_table(table), key=parse_column(key, "--key"), **kw
-    )
-
-
-def apply_cfg(**kw: Any) -> RunConfig:
-    kw.setdefault("batch_size", 100)
-    kw.setdefault("concurrency", 3)
-    kw.setdefault("scan", SMALL)
-    return RunConfig(apply=True, **kw)
 
 
 async def execute(dsn: str, *statements: str) -> None:
@@ -77,7 +63,7 @@ async def assert_applied(
     what `expected` says; returns the rows after."""
 
     def norm(v: str | None) -> str | None:
-        # char(n): trailing blanks are padding (and ::text drops them in the audit trail)
+        # char(n): trailing blanks are padding (and ::text drops them from the new value)
         return v.rstrip(" ") if char and v is not None else v
 
     after = await fetch_all(dsn, table)
@@ -100,9 +86,10 @@ async def assert_applied(
     # the UNIQUE index the whole exercise is for can now be built
     await _unique_index_builds(dsn, table, key_sql)
 
-    # audit equals data: one audit row per renamed row, none for any other row
+    # audit equals data: one audit row per renamed row, none for any other row; the old value
+    # byte for byte as the row held it (bpchar blanks included), so undo restores those bytes
     assert await audit_rows(dsn, summary.run_id) == sorted(
-        (str(pk), norm(before[pk][key]), norm(after[pk][key])) for pk in expected.losers
+        (str(pk), before[pk][key], norm(after[pk][key])) for pk in expected.losers
     )
     record = await run_record(dsn, summary.run_id)
     assert record["status"] == "completed"
@@ -206,6 +193,46 @@ async def test_keep_order_picks_the_survivor(dsn: str, keep: str | None, order_s
         assert after[pk]["transaction_id"] == value  # the survivor holds the original value
 
 
+# (key, created_at) in id order; None is a row whose created_at is NULL.
+NULL_KEEP_LAYOUT: list[tuple[str, int | None]] = [
+    ("k1", 0), ("k1", None), ("k1", 2), ("k1", 1),  # newest: id 3, NULL: id 2
+    ("k2", None), ("k2", None), ("k2", 4),  # NULLs tie: broken by the primary key
+    ("k3", 5), ("k3", 5),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("keep", "order_sql", "k1_survivor"),
+    [
+        ("created_at desc", "created_at DESC NULLS LAST", 3),  # the newest row with a value
+        ("created_at desc nulls first", "created_at DESC NULLS FIRST", 2),
+        ("created_at desc nulls last, id desc", "created_at DESC NULLS LAST, id DESC", 3),
+        ("created_at", "created_at ASC NULLS LAST", 1),
+        ("created_at nulls first", "created_at ASC NULLS FIRST", 2),
+    ],
+)
+async def test_keep_puts_nulls_last_unless_told(
+    dsn: str, keep: str, order_sql: str, k1_survivor: int
+) -> None:
+    rows = [(k, EPOCH + dt.timedelta(hours=h or 0)) for k, h in NULL_KEEP_LAYOUT]
+    await create_payments(dsn, rows=rows)
+    nulls = [i for i, (_, h) in enumerate(NULL_KEEP_LAYOUT, start=1) if h is None]
+    await execute(
+        dsn,
+        "ALTER TABLE payments ALTER created_at DROP NOT NULL",
+        f"UPDATE payments SET created_at = NULL WHERE id IN ({', '.join(map(str, nulls))})",
+    )
+    before = await fetch_all(dsn)
+    expected = await expected_plan(dsn, order=order_sql)
+    assert expected.survivors["k1"] == k1_survivor  # the premise, in PostgreSQL's own words
+
+    cfg = connect(dsn)
+    summary = await run(cfg, apply_cfg(keep=parse_keep(keep), batch_size=2))
+
+    after = await assert_applied(dsn, cfg, summary, before, expected)
+    assert after[k1_survivor]["transaction_id"] == "k1"
+
+
 # --- new values -----------------------------------------------------------------------------------
 
 
@@ -305,14 +332,29 @@ async def test_no_value_fits_is_skipped_not_failed(dsn: str) -> None:
 
     summary = await run(cfg, apply_cfg())
 
-    assert summary.status == "completed"
+    # it went on to the end, but left groups duplicated: incomplete, each group on record
+    assert summary.status == "incomplete"
     assert summary.rows_renamed == 0
     assert summary.rows_skipped == 2
     assert summary.skipped == {"no_unique_value_fits": 2}
+    assert summary.skipped_groups == 2
+    assert summary.skipped_groups_by_reason == {"no_unique_value_fits": 2}
+    assert summary.retry_command is not None
+    assert f"--run-id {summary.run_id}" in summary.retry_command
     assert summary.failed_rows == 2
     assert await table_checksum(dsn) == checksum
     assert await audit_rows(dsn, summary.run_id) == []
     assert (await verify(cfg)).groups == 2
+    skipped = await fetch(
+        dsn,
+        "SELECT group_key, reason, rows, attempts FROM bulkdedupe.skipped WHERE run_id = $1 "
+        "ORDER BY group_key",
+        summary.run_id,
+    )
+    assert [tuple(r) for r in skipped] == [
+        ("a", "no_unique_value_fits", 1, 1),
+        ("c", "no_unique_value_fits", 1, 1),
+    ]
 
 
 # --- what counts as the same value ----------------------------------------------------------------
@@ -410,6 +452,60 @@ async def test_char_n_key_column(dsn: str) -> None:
     summary = await run(cfg, apply_cfg())
 
     await assert_applied(dsn, cfg, summary, before, expected, max_length=10, char=True)
+
+
+# Unbounded bpchar keeps the blanks it is given, yet its equality (and so a unique index) ignores
+# trailing ones: 'a', 'a ' and 'a  ' are one group.
+BPCHAR_KEYS = ["a  ", "a", "a ", "b", "b", "c ", "c", "d", None]
+
+
+@pytest.mark.parametrize(("keep", "order_sql"), [(None, "id"), ("id desc", "id DESC")])
+async def test_unbounded_bpchar_key_groups_as_the_unique_index_does(
+    dsn: str, keep: str | None, order_sql: str
+) -> None:
+    await create_payments(dsn, rows=[(k,) for k in BPCHAR_KEYS], key_type="bpchar")
+    before = await fetch_all(dsn)
+    expected = await expected_plan(dsn, order=order_sql)
+    assert expected.renamed == 2 + 1 + 1  # the premise: PostgreSQL sees three groups
+    cfg = connect(dsn)
+    keep_items = parse_keep(keep) if keep else ()
+
+    dry = await run(cfg, RunConfig(keep=keep_items, batch_size=1, scan=SMALL))
+    assert (dry.status, dry.rows_renamed, dry.rows_skipped) == ("completed", 4, 0)
+    assert (await scan(cfg, SMALL)).rows_to_rename == 4
+
+    # Batch size 1 cuts the groups: a cut group goes round again under the scan's spelling of
+    # its key, which one of the two survivors ('a  ' first, 'a ' last) does not share.
+    summary = await run(cfg, apply_cfg(keep=keep_items, batch_size=1))
+
+    # survivors keep their very bytes, padding included; the unique index builds; verify is clean
+    await assert_applied(dsn, cfg, summary, before, expected, char=True)
+
+
+@pytest.mark.parametrize(
+    ("key_type", "char_semantics"),
+    [("bpchar", True), ("char(4)", True), ("varchar", False), ("text", False)],
+)
+async def test_equality_key_is_the_columns_equality(
+    dsn: str, key_type: str, char_semantics: bool
+) -> None:
+    # The planner's notion of "same key" against PostgreSQL's own, value pair by value pair.
+    values = ["a", "a ", "a  ", " a", "a\t", "a\u00a0", "a \t", "", " ", "ab", "a b"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            f"SELECT x.v AS x, y.v AS y, x.v::{key_type} = y.v::{key_type} AS same "
+            "FROM unnest($1::text[]) x(v), unnest($1::text[]) y(v)",
+            values,
+        )
+    finally:
+        await conn.close()
+    assert len(rows) == len(values) ** 2
+    for r in rows:
+        ours = equality_key(r["x"], char_semantics=char_semantics) == equality_key(
+            r["y"], char_semantics=char_semantics
+        )
+        assert ours == r["same"], (r["x"], r["y"])
 
 
 # --- dry run --------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import pytest
 
 from bulkdedupe import ConnectConfig, RunConfig, ScanConfig, catalog, run, scan
 from bulkdedupe.db import pool
-from bulkdedupe.scanner import plan_ranges, scan_range
-from bulkdedupe.sql import LowerBound
+from bulkdedupe.scanner import KeyRange, plan_ranges, scan_range
+from bulkdedupe.sql import LowerBound, StateSql, TargetSql
 from tests.factories import duplicate_groups, expected_plan, shuffled, state_schema_exists
 from tests.helpers import create_payments, execute, run_cli, table_checksum
 
@@ -56,6 +56,13 @@ def _assert_uses_index(plan_json: str, index: str, what: str) -> None:
     kinds = [n["Node Type"] for n in nodes]
     assert "Seq Scan" not in kinds, f"{what}: sequential scan in\n{plan_json}"
     assert "Sort" not in kinds, f"{what}: the page is sorted instead of read in index order"
+    assert "Incremental Sort" not in kinds, f"{what}: sorted in\n{plan_json}"
+    # The page's ORDER BY (the order the checkpoint relies on) costs nothing: it is the order
+    # the groups stream out of a sorted aggregate, the plan's root, not a Sort above it.
+    root = nodes[0]
+    assert (root["Node Type"], root.get("Strategy")) == ("Aggregate", "Sorted"), (
+        f"{what}: the groups do not come from a GroupAggregate in\n{plan_json}"
+    )
     used = {
         n.get("Index Name") for n in nodes if n["Node Type"] in ("Index Only Scan", "Index Scan")
     }
@@ -106,6 +113,53 @@ async def test_keyset_scan_page_uses_the_key_index(dsn: str) -> None:
             await conn.execute("DEALLOCATE page")
     finally:
         await conn.close()
+
+
+def test_scan_page_states_its_key_order() -> None:
+    # The producer checkpoints a page's groups in the order they come, so the page must say
+    # that order in SQL: a GroupAggregate keeps it today, a hash aggregate would not (the
+    # EXPLAIN test above shows that the ORDER BY costs no sort).
+    q = TargetSql(
+        table="payments",
+        key="k",
+        pk="id",
+        key_type="text",
+        pk_type="int8",
+        keep=(),
+        state=StateSql("bulkdedupe"),
+    )
+    lowers: tuple[LowerBound, ...] = ("none", "inclusive", "exclusive")
+    for lower in lowers:
+        for upper in (False, True):
+            outer = " ".join(q.scan_page(lower, upper).rsplit(") p", 1)[1].split())
+            assert outer == "GROUP BY p.k HAVING count(*) > 1 OR max(p.rn) = $3 ORDER BY p.k"
+
+
+async def test_scan_pages_come_in_key_order_with_their_groups_whole(dsn: str) -> None:
+    # Every page's groups in the column's own order (as PostgreSQL sorts, not Python), each group
+    # once and whole across page boundaries: what the ORDER BY must not change.
+    layout = _random_layout(seed=3, keys=400, singles=300, nulls=20)
+    collation = await _linguistic_collation(dsn)
+    key_type = f'varchar(64) COLLATE "{collation}"' if collation else "varchar(64)"
+    await create_payments(dsn, rows=shuffled(layout, seed=3), key_type=key_type)
+    truth = await duplicate_groups(dsn)
+    conn = await asyncpg.connect(dsn)
+    try:
+        target = await catalog.resolve(conn, _cfg(dsn))
+    finally:
+        await conn.close()
+    q = target.queries("bulkdedupe")
+    in_key_order = (
+        "SELECT coalesce(array_agg(DISTINCT transaction_id ORDER BY transaction_id), '{}') "
+        "FROM payments WHERE transaction_id = ANY($1)"
+    )
+    seen: list[str] = []
+    async with pool(_cfg(dsn), size=2) as p:
+        async for page in scan_range(p, q, KeyRange(0, None, None), page_size=37):
+            keys = [g.key for g in page.groups]
+            assert keys == await p.fetchval(in_key_order, keys)
+            seen += keys
+    assert Counter(seen) == Counter(truth.keys())
 
 
 # --- every group once, however the scan is split --------------------------------------------------

@@ -338,7 +338,7 @@ def test_validate_settings() -> None:
 async def test_knobs_apply_settings_where_they_act() -> None:
     from structlog.testing import capture_logs
 
-    from bulkdedupe.batching import BatchSizer
+    from bulkdedupe.batching import BatchSizer, LockBudget
     from bulkdedupe.control import Knobs
 
     stats = Stats()
@@ -347,9 +347,11 @@ async def test_knobs_apply_settings_where_they_act() -> None:
     throttle = Throttle(ThrottleConfig(), stats, anyio.Event())
     knobs = Knobs(
         sizer=sizer,
+        budget=LockBudget(None),
         limiter=limiter,
         throttle=throttle,
         stats=stats,
+        batch_size=1000,
         concurrency=4,
         concurrency_while_scanning=1,
     )
@@ -383,3 +385,39 @@ async def test_knobs_apply_settings_where_they_act() -> None:
         knobs.apply({"concurrency": 0})
     assert limiter.total_tokens == 2
     assert logs[0]["event"] == "control settings ignored"
+
+
+@pytest.mark.anyio
+async def test_set_batch_size_and_concurrency_go_through_the_lock_budget() -> None:
+    """Live `set` cannot oversubscribe the server's lock table: more workers lower the batch
+    ceiling, a bigger batch size stays under it, fewer workers let it rise again."""
+    from structlog.testing import capture_logs
+
+    from bulkdedupe.batching import BatchSizer, LockBudget
+    from bulkdedupe.control import Knobs
+
+    budget = LockBudget(6400)  # PostgreSQL's defaults: 64 locks x 100 connections
+    stats = Stats()
+    sizer = BatchSizer(target=None, minimum=10, maximum=budget.clamp(1000, 1))
+    knobs = Knobs(
+        sizer=sizer,
+        budget=budget,
+        limiter=anyio.CapacityLimiter(1),
+        throttle=Throttle(ThrottleConfig(), stats, anyio.Event()),
+        stats=stats,
+        batch_size=1000,
+        concurrency=1,
+        concurrency_while_scanning=1,
+    )
+    assert sizer.maximum == 1000  # 1600 allowed for one worker
+    with capture_logs() as logs:
+        knobs.apply({"concurrency": 8})
+    assert (sizer.maximum, sizer.size) == (200, 200)  # 6400 / 2 / 8 workers / 2 locks a row
+    assert any(e["event"] == "batch ceiling lowered to fit the server's lock table" for e in logs)
+    assert knobs.current()["batch_size"] == 1000  # what the operator asked for, still
+    knobs.apply({"batch_size": 5000})
+    assert sizer.maximum == 200
+    knobs.apply({"concurrency": 2})
+    assert sizer.maximum == 800
+    knobs.apply({"concurrency": 1})
+    assert sizer.maximum == 1600  # the operator's 5000, under one worker's share

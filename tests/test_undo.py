@@ -22,7 +22,16 @@ from bulkdedupe import (
     run,
     undo,
 )
-from tests.helpers import create_payments, execute, fetch, fetch_keys, run_cli, table_checksum
+from bulkdedupe.batching import LockBudget
+from tests.helpers import (
+    create_payments,
+    execute,
+    fetch,
+    fetch_keys,
+    fetchval,
+    run_cli,
+    table_checksum,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -176,3 +185,40 @@ async def test_unknown_run_undo_of_undo_and_missing_state_schema_are_refused(dsn
     assert "not found" in lines[0]
     assert "bulkdedupe runs" in lines[0]
     assert await table_checksum(dsn) == checksum
+
+
+LOCK_SLOTS = """
+SELECT current_setting('max_locks_per_transaction')::int
+       * (current_setting('max_connections')::int
+          + current_setting('max_prepared_transactions')::int)"""
+
+
+async def test_undo_batches_stay_under_the_lock_table_ceiling(dsn: str) -> None:
+    """An undo batch holds two advisory locks per change (the old and the restored value):
+    a --batch-size bigger than the server's lock table allows is cut down to the ceiling."""
+    ceiling = LockBudget(int(await fetchval(dsn, LOCK_SLOTS))).ceiling(1)
+    assert ceiling is not None
+    if ceiling > 5000:
+        pytest.skip(f"this server's lock table allows {ceiling}-row batches: too big to fill")
+    renames = ceiling + ceiling // 2
+    await create_payments(dsn, rows=[(f"k{i // 2:05d}",) for i in range(2 * renames)])
+    original = await table_checksum(dsn)
+    cfg = ConnectConfig(database_url=dsn)
+    summary = await run(cfg, RunConfig(apply=True))
+    assert summary.rows_renamed == renames
+
+    result = await undo(cfg, UndoConfig(run_id=summary.run_id, apply=True, batch_size=10**6))
+
+    assert result.status == "completed"
+    assert await table_checksum(dsn) == original
+    # the audit rows one transaction wrote share its xmin
+    sizes = [
+        r["n"]
+        for r in await fetch(
+            dsn,
+            "SELECT count(*) AS n FROM bulkdedupe.changes WHERE run_id = $1 GROUP BY xmin::text",
+            result.run_id,
+        )
+    ]
+    assert sum(sizes) == renames
+    assert max(sizes) <= ceiling, sizes
