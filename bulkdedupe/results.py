@@ -123,6 +123,13 @@ class RunSummary:
     skipped_groups: int = 0
     skipped_groups_by_reason: dict[str, int] = field(default_factory=dict)
     retry_command: str | None = None  # resumes the run: retries exactly those groups
+    # WAL the server wrote during the run (--apply): every session's, the application's too
+    wal_bytes: int | None = None
+    wal_bytes_per_rename: float | None = None
+    # the impact governor: its probe's p99 during the run, the baseline, the budget (a ratio)
+    impact_p99_ms: float | None = None
+    impact_baseline_ms: float | None = None
+    impact_target: float | None = None
 
     @property
     def failed_rows(self) -> int:
@@ -162,6 +169,14 @@ class RunSummary:
             ("longest scan page (ms)", round(self.longest_scan_page_ms, 1)),
             ("scan finished after (s)", round(self.scan_s, 2)),
         ]
+        if self.wal_bytes is not None:
+            wal = f"{self.wal_bytes / 2**20:,.1f} MiB"
+            if self.wal_bytes_per_rename is not None:
+                wal += f" ({self.wal_bytes_per_rename:,.0f} bytes per rename)"
+            rows.append(("WAL written (server)", wal))
+        if self.impact_p99_ms is not None or self.impact_target is not None:
+            impact = _impact(self.impact_p99_ms, self.impact_baseline_ms, self.impact_target)
+            rows.append(("impact", impact))
         if self.output:
             rows.append(("plan written to", self.output))
         if self.retry_command:
@@ -333,6 +348,15 @@ def _when(t: datetime | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S%z") if t else "-"
 
 
+def _impact(p99: float | None, baseline: float | None, target: float | None) -> str:
+    if target is None:
+        return "off"
+    if p99 is None or not baseline:
+        return f"measuring (budget {target:g}x)"
+    ratio = p99 / baseline
+    return f"probe p99 {p99:.1f} / baseline {baseline:.1f} ms = {ratio:.1f}x (budget {target:g}x)"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunsList:
     state_schema: str
@@ -469,6 +493,11 @@ class RunStatus:
     pid: int | None
     host: str | None
     skipped_groups: int = 0  # on record as skipped: a resume retries them
+    # the impact governor (None: off): probe p99 and baseline (ms), budget ratio, pace (rows/s)
+    impact_p99_ms: float | None = None
+    impact_baseline_ms: float | None = None
+    impact_target: float | None = None
+    pace: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -506,6 +535,7 @@ class RunStatus:
             ("rows renamed", self.rows_renamed),
             ("rows skipped", self.rows_skipped),
             ("groups skipped", self.skipped_groups),
+            ("impact", _impact(self.impact_p99_ms, self.impact_baseline_ms, self.impact_target)),
             ("rate (rows/s)", "-" if self.rows_per_s is None else self.rows_per_s),
             ("ETA", _duration(self.eta_s)),
             ("batch size", f"{self.batch_size or '-'} (ceiling {self.batch_ceiling or '-'})"),

@@ -166,6 +166,17 @@ class StateSql:
     def skipped(self) -> str:
         return qualify(self.schema, "skipped")
 
+    @cached_property
+    def heartbeat(self) -> str:
+        return qualify(self.schema, "heartbeat")
+
+    @cached_property
+    def probe(self) -> str:
+        # the governor's probe: a tiny write committed as the application commits (one row per
+        # run, HOT-updated in place); a replica can read `beat_at` to see how far behind it is
+        return f"""INSERT INTO {self.heartbeat} AS h (run_id, beat, beat_at) VALUES ($1, $2, now())
+            ON CONFLICT (run_id) DO UPDATE SET beat = excluded.beat, beat_at = excluded.beat_at"""
+
     # The privilege checks and init-state's GRANTs are derived from this DDL (state_objects):
     # write CREATE SCHEMA/TABLE/INDEX and ALTER TABLE ... ADD COLUMN, all IF NOT EXISTS;
     # any other statement counts as never done, so it would run (and need ownership) each time.
@@ -227,6 +238,12 @@ class StateSql:
                 first_at   timestamptz NOT NULL DEFAULT now(),
                 last_at    timestamptz NOT NULL DEFAULT now(),
                 CONSTRAINT skipped_pkey PRIMARY KEY (run_id, group_key)
+            )""",
+            # The impact governor's probe writes here: one row per run, updated in place.
+            f"""CREATE TABLE IF NOT EXISTS {self.heartbeat} (
+                run_id   text PRIMARY KEY,
+                beat     bigint NOT NULL,
+                beat_at  timestamptz NOT NULL
             )""",
         ]
 
@@ -908,3 +925,7 @@ def grant_sequence_usage(schema: str, sequence: str, role: str) -> str:
 
 def grant_create_on_database(database: str, role: str) -> str:
     return f"GRANT CREATE ON DATABASE {quote_ident(database)} TO {quote_ident(role)}"
+
+
+# The governor's probe session commits the way the application does: synchronously.
+PROBE_SESSION = "SET synchronous_commit = on"

@@ -13,13 +13,16 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import structlog
 
 from .config import ThrottleConfig
 from .progress import Stats
+
+if TYPE_CHECKING:
+    from .governor import Governor
 
 log = structlog.get_logger(__name__)
 
@@ -288,6 +291,9 @@ class Throttle:
         self.paused_since: datetime | None = None
         self._spent = 0
         self._changed = anyio.Event()
+        # the impact governor (None: --max-impact off): its pace and its holds, on top of the
+        # guardrails' pauses and --max-rate (the slower of the two paces wins)
+        self.governor: Governor | None = None
 
     @property
     def paused(self) -> bool:
@@ -318,6 +324,11 @@ class Throttle:
         if verdict.stop is not None and self.stop_reason is None:
             self.stop_reason = verdict.stop
         self.verdict = verdict
+        # what the progress display says holds the run (the governor writes its own holds)
+        if verdict.pauses:
+            self.stats.held_by = "paused: " + "; ".join(r.detail for r in verdict.pauses)
+        elif (self.stats.held_by or "").startswith("paused: "):
+            self.stats.held_by = None
         if before.keys() != after.keys():
             self._notify()
 
@@ -369,7 +380,14 @@ class Throttle:
                     if not await self.wait_open():
                         raise Stopping
                     continue
+                governor = self.governor
+                if governor is not None and governor.held is not None:
+                    with anyio.move_on_after(NAP_SLICE):  # a stop is obeyed within a slice
+                        await governor.wait_released()
+                    continue
                 delay = self._rate_delay()
+                if governor is not None:
+                    delay = max(delay, governor.delay())
                 if delay <= 0:
                     return
                 self.rate_waiting += 1
