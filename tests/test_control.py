@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from bulkdedupe.config import ConnectConfig, ThrottleConfig, parse_table
 from bulkdedupe.control import request, status
 from bulkdedupe.results import RunStatus
 from tests.factories import audit_rows, duplicate_groups, shuffled
+from tests.faults_support import wait_until
 from tests.helpers import REPO_ROOT, create_payments, fetch_keys
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -36,13 +38,8 @@ async def cli(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-async def until(pred, what: str) -> None:  # type: ignore[no-untyped-def]
-    try:
-        with anyio.fail_after(DEADLINE):
-            while not await pred():  # noqa: ASYNC110 - the server's state has no event
-                await anyio.sleep(0.2)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for: {what}") from None
+async def until(probe: Callable[[], Awaitable[object]], what: str) -> None:
+    await wait_until(probe, what, deadline=DEADLINE, interval=0.2)
 
 
 async def changes(conn: asyncpg.Connection) -> int:

@@ -27,6 +27,7 @@ from bulkdedupe.health import HealthSampler
 from bulkdedupe.results import RunStatus
 from bulkdedupe.throttle import decide
 from tests.factories import audit_rows, duplicate_groups, run_record, shuffled, state_schema_exists
+from tests.faults_support import wait_until
 from tests.helpers import create_payments, fetch_keys
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -53,13 +54,8 @@ async def make_table(dsn: str, groups: int) -> dict[int, str | None]:
     return await fetch_keys(dsn)
 
 
-async def until(pred: Callable[[], Awaitable[bool]], what: str) -> None:
-    try:
-        with anyio.fail_after(DEADLINE):
-            while not await pred():  # noqa: ASYNC110 - the server's state has no event
-                await anyio.sleep(0.2)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for: {what}") from None
+async def until(probe: Callable[[], Awaitable[object]], what: str) -> None:
+    await wait_until(probe, what, deadline=DEADLINE, interval=0.2)
 
 
 async def changes(dsn: str, run_id: str) -> int:

@@ -20,7 +20,7 @@ from bulkdedupe import ConnectConfig, RunConfig, TargetError, run
 from bulkdedupe.config import ThrottleConfig
 from bulkdedupe.results import RunSummary
 from tests.factories import duplicate_groups, shuffled
-from tests.faults_support import check_audit, run_row
+from tests.faults_support import check_audit, run_row, wait_until
 from tests.helpers import create_payments, execute, fetch, fetch_keys
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -31,12 +31,7 @@ DEADLINE = 60.0
 
 
 async def until(probe: Callable[[], Awaitable[object]], what: str) -> None:
-    try:
-        with anyio.fail_after(DEADLINE):
-            while not await probe():  # noqa: ASYNC110 - the server's state has no event
-                await anyio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for: {what}") from None
+    await wait_until(probe, what, deadline=DEADLINE, interval=0.02)
 
 
 async def scan_index(conn: asyncpg.Connection) -> Index:
