@@ -9,7 +9,7 @@ STAMP := $(VENV)/.install.stamp
 PG_DATADIR ?= .pgdata
 PYTEST_ARGS ?=
 
-.PHONY: install lint format test demo bench bench-full pg-start pg-stop pg-dsn clean
+.PHONY: install lint format test soak demo bench bench-full pg-start pg-stop pg-dsn clean
 
 install: $(STAMP)
 
@@ -31,6 +31,15 @@ format: install
 
 test: install
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The randomized interleaving test (tests/test_interleave.py) for MINUTES minutes with fresh
+# seeds; it prints each seed as it goes and the seed and steps of any failure. Replay one with
+# BULKDEDUPE_SOAK_SEED=<seed> $(BIN)/pytest tests/test_interleave.py.
+MINUTES ?= 10
+soak: install
+	BULKDEDUPE_SOAK_SECONDS=$$(( $(MINUTES) * 60 )) BULKDEDUPE_SOAK_FRESH_SEEDS=1 \
+		$(BIN)/pytest tests/test_interleave.py -q -s --timeout=$$(( $(MINUTES) * 60 + 300 )) \
+		$(PYTEST_ARGS)
 
 demo: install
 	PG_DATADIR=$(PG_DATADIR) bash benchmarks/demo.sh
