@@ -762,6 +762,7 @@ def enforce(
     help="Most rows restored in one transaction (>= 1).",
 )
 @batch_transaction_options
+@impact_options
 @format_option
 @handle_errors
 def undo(
@@ -786,6 +787,7 @@ def undo(
         statement_timeout=statement_timeout,
         max_retries=max_retries,
         wal_compression=wal_compression,
+        impact=make_impact(kw),
     )
     summary = run_async(lambda: undo_run(cfg, ucfg, handle_signals=True))
     emit(summary, fmt)

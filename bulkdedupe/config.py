@@ -510,6 +510,7 @@ class UndoConfig:
     wal_compression: str = DEFAULT_WAL_COMPRESSION
     max_retries: int = DEFAULT_MAX_RETRIES
     sample_size: int = 10
+    impact: ImpactConfig = field(default_factory=ImpactConfig)  # paces --apply as `run` does
 
     def __post_init__(self) -> None:
         if not _RUN_ID.fullmatch(self.run_id):

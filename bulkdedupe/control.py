@@ -227,6 +227,8 @@ class RunControl:
 
 
 def _eta(stats: Stats, scanning: bool) -> float | None:
+    if stats.eta_now is not None:
+        return stats.eta_now
     if scanning:
         return stats.eta()
     left = stats.groups_found - stats.groups_done
@@ -252,6 +254,7 @@ def live_snapshot(stats: Stats, knobs: Knobs) -> dict[str, Any]:
         "batches": stats.batches,
         "retries": stats.retries,
         "rows_per_s": round(stats.rate(), 1),
+        # the progress display's ETA (both phases, the current pace), else the run's average
         "eta_s": None if (eta := _eta(stats, knobs.scanning)) is None else round(eta),
         "scan_finished": not knobs.scanning,
         "batch_size": knobs.sizer.size,

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import collections
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import asyncpg
@@ -130,6 +131,19 @@ def p99(samples: Iterable[float]) -> float:
     return percentile(list(samples), 99)
 
 
+async def first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return as soon as one of the waits returns (the others are cancelled): e.g. the
+    baseline, or a stop asked for meanwhile."""
+    async with anyio.create_task_group() as tg:
+
+        async def one(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            tg.cancel_scope.cancel()
+
+        for wait in waits:
+            tg.start_soon(one, wait)
+
+
 @dataclass
 class Probes:
     """Probe latencies (ms) with their times: the recent ones, and the p99 of each idle
@@ -220,6 +234,24 @@ class Governor:
 
     async def wait_baseline(self) -> None:
         await self._baseline_ready.wait()
+
+    async def pace(self, stop: anyio.Event) -> None:
+        """Wait until the next batch may start: while held, then for the pace's delay; in
+        slices, so a stop is obeyed within a second (for loops without a Throttle: undo)."""
+        while not stop.is_set():
+            if self.held is not None:
+                with anyio.move_on_after(1.0):
+                    await self.wait_released()
+                continue
+            delay = self.delay()
+            if delay <= 0:
+                return
+            with anyio.move_on_after(min(delay, 1.0)):
+                await stop.wait()
+
+    def batch_limit(self, size: int) -> int:
+        """`size`, capped at what one batch may hold at the current pace."""
+        return min(size, self.controller.batch_cap()) if self.enabled else size
 
     # --- the loops ----------------------------------------------------------------------
 

@@ -9,14 +9,14 @@ import heapq
 import re
 import shlex
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
 import asyncpg
 import structlog
-from anyio.abc import ObjectReceiveStream
+from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
 from . import catalog, db, errors, scanindex, signals, sql, state
 from .batching import BatchSizer, LockBudget
@@ -32,7 +32,7 @@ from .config import (
 from .control import Knobs, RunControl, live_snapshot
 from .db import Conn
 from .errors import ConnectError, TargetError, UsageError
-from .governor import Governor
+from .governor import Governor, first_of
 from .health import HealthSampler
 from .monitor import Monitor
 from .progress import Reporter, Stats, percentile
@@ -192,6 +192,551 @@ async def verify(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> Ver
 # --- run -----------------------------------------------------------------------------------
 
 
+async def run(
+    cfg: ConnectConfig,
+    run_cfg: RunConfig = RunConfig(),
+    *,
+    handle_signals: bool = False,
+    stop: anyio.Event | None = None,
+) -> RunSummary:
+    """Deduplicate the key column: a dry run (default; writes nothing anywhere) or --apply.
+
+    Set `stop` (or send SIGINT/SIGTERM with `handle_signals`) to stop taking work: in-flight
+    batches finish, the run is marked interrupted with its checkpoint and can be resumed.
+
+    In three steps: `_prepare` (resolve, refuse, register, plan, pace), `_engine` (scan,
+    spool, workers and what watches them), `_finish_run` (final status, summary, scan index).
+    """
+    stop = stop or anyio.Event()
+    stats = Stats()  # the run's clock: its duration counts from here
+    run_id = run_cfg.run_id or state.new_run_id()
+    if run_cfg.output is not None:
+        _check_output(run_cfg.output)
+    async with (
+        errors.boundary("run"),
+        db.connect(cfg) as control,
+        db.pool(
+            cfg,
+            size=_worker_tasks(run_cfg) + run_cfg.scan.scanners + 1,
+            statement_timeout=run_cfg.scan.statement_timeout,
+        ) as pool,
+        contextlib.AsyncExitStack() as resources,
+    ):
+        r = await _prepare(
+            cfg,
+            run_cfg,
+            run_id,
+            stats=stats,
+            stop=stop,
+            control=control,
+            pool=pool,
+            resources=resources,
+        )
+        try:
+            await _engine(r, handle_signals=handle_signals)
+        finally:
+            summary = await _finish_run(r)
+        structlog.contextvars.unbind_contextvars("run_id", "table")
+    if r.monitor.error is not None:
+        raise r.monitor.error  # the run is saved as failed (resumable); say why
+    return summary
+
+
+def _worker_tasks(run_cfg: RunConfig) -> int:
+    # --apply can be told `set --concurrency N` while running: worker tasks (and pool room) up
+    # to the cap; the limiter keeps only N of them working, so only N connections are used.
+    return MAX_CONCURRENCY if run_cfg.apply else run_cfg.concurrency
+
+
+@dataclass(kw_only=True)
+class _Run:
+    """One run as `_prepare` set it up, for the engine and the finish. Only `status` changes
+    afterwards: the engine's verdict, which the finish settles and writes."""
+
+    cfg: ConnectConfig
+    run_cfg: RunConfig
+    control: Conn  # holds the run lock; checkpoints and the final status are written on it
+    pool: asyncpg.Pool
+    stop: anyio.Event
+    stats: Stats
+    st: sql.StateSql
+    target: Target
+    run_id: str
+    resumed: state.RunRecord | None
+    run_lock: state.RunLock | None
+    scan_lease: scanindex.ScanIndexLease | None
+    ranges: list[KeyRange]
+    checkpoints: state.Checkpoints
+    wal_method: str | None
+    sizer: BatchSizer
+    throttle: Throttle
+    knobs: Knobs
+    governor: Governor | None
+    monitor: Monitor
+    skips: state.SkipLog
+    spool: Spool[WorkItem]
+    reporter: Reporter
+    plan_fh: IO[str] | None
+    sample: list[Rename]
+    status: str = "failed"  # until the engine has seen the work end
+
+    @property
+    def apply(self) -> bool:
+        return self.run_cfg.apply
+
+    def worker(self) -> Worker:
+        rc = self.run_cfg
+        return Worker(
+            pool=self.pool,
+            target=self.target,
+            queries=self.target.queries(self.cfg.state_schema),
+            run_id=self.run_id,
+            apply=rc.apply,
+            sizer=self.sizer,
+            skips=self.skips,
+            template=rc.template,
+            lock_timeout=rc.lock_timeout,
+            statement_timeout=rc.statement_timeout,
+            wal_compression=self.wal_method,
+            max_retries=rc.max_retries,
+            stats=self.stats,
+            plan=PlanWriter(self.plan_fh) if self.plan_fh else None,
+            sample=self.sample,
+            before_batch=self.throttle.gate(),
+        )
+
+    def checkpoint(self) -> dict[str, Any]:
+        """The checkpoint as the runs row keeps it, with what `status` shows of the run."""
+        return self.checkpoints.to_json() | {"live": live_snapshot(self.stats, self.knobs)}
+
+
+# --- run: prepare --------------------------------------------------------------------------
+
+
+async def _prepare(
+    cfg: ConnectConfig,
+    run_cfg: RunConfig,
+    run_id: str,
+    *,
+    stats: Stats,
+    stop: anyio.Event,
+    control: Conn,
+    pool: asyncpg.Pool,
+    resources: contextlib.AsyncExitStack,
+) -> _Run:
+    """Everything before the first batch, in this order: the target and the server's limits,
+    the checks that can refuse the run, then its first writes (the state schema, the scan
+    index, the run's registration), its key ranges, and the pieces that pace and watch it."""
+    apply = run_cfg.apply
+    st = sql.StateSql(cfg.state_schema)
+    target = await _resolve(control, cfg, run_cfg.keep, write=apply)
+    lock_budget, wal_method = await _server_limits(control, run_cfg)
+    ceiling = lock_budget.clamp(run_cfg.batch_size, run_cfg.concurrency)
+    throttle = Throttle(run_cfg.throttle, stats, stop)
+    sampler = HealthSampler(cfg, target.oid, run_cfg.throttle)
+    resources.push_async_callback(sampler.close)
+    # Every check that can refuse the run comes before the first write.
+    await _refuse_before_writing(control, target, run_cfg, sampler)
+    if apply:
+        await state.ensure_schema(control, st)
+    # Built when missing, else reused; held for the whole run so no other run drops it.
+    scan_lease = await resources.enter_async_context(
+        scanindex.lease(control, target, create=apply and run_cfg.create_scan_index)
+    )
+    run_id, resumed, run_lock = await _register(
+        control, st, cfg, run_cfg, target, run_id, wal_method, resources
+    )
+    ranges = resumed.remaining_ranges() if resumed else None
+    if ranges is None:
+        ranges = await plan_ranges(control, target, run_cfg.scan.scanners)
+    stats.estimated_rows = target.estimated_rows
+    structlog.contextvars.bind_contextvars(run_id=run_id, table=target.display)
+    if apply:  # the summary shows the WAL written until the end (by every session)
+        stats.wal_start = await control.fetchval(sql.HEALTH_WAL_POSITION)
+    log.info(
+        "run started",
+        mode="apply" if apply else "dry-run",
+        resumed=resumed is not None,
+        ranges=len(ranges),
+        batch_size=run_cfg.batch_size,
+        # lower than batch_size when the server's lock table is small (LockBudget)
+        batch_ceiling=ceiling,
+        concurrency=run_cfg.concurrency,
+        wal_compression=wal_method or "server",
+    )
+    plan_fh = _open_plan(run_cfg.output)
+    sizer = BatchSizer(
+        target=run_cfg.target_batch_time, minimum=run_cfg.min_batch_size, maximum=ceiling
+    )
+    knobs, governor = _pace(cfg, run_cfg, run_id, stats, sizer, lock_budget, throttle)
+    run_control = RunControl(st, run_id, knobs) if apply else None
+    if run_control is not None:
+        await run_control.reset(control)
+    monitor = await resources.enter_async_context(
+        Monitor(cfg, throttle=throttle, stats=stats, sampler=sampler, control=run_control)
+    )
+    await monitor.tick()  # no batch before the health is known
+    return _Run(
+        cfg=cfg,
+        run_cfg=run_cfg,
+        control=control,
+        pool=pool,
+        stop=stop,
+        stats=stats,
+        st=st,
+        target=target,
+        run_id=run_id,
+        resumed=resumed,
+        run_lock=run_lock,
+        scan_lease=scan_lease,
+        ranges=ranges,
+        checkpoints=state.Checkpoints(ranges),
+        wal_method=wal_method,
+        sizer=sizer,
+        throttle=throttle,
+        knobs=knobs,
+        governor=governor,
+        monitor=monitor,
+        skips=state.SkipLog(pool if apply else None, st, run_id),
+        spool=Spool(directory=run_cfg.spool_dir),
+        reporter=Reporter(
+            stats, verb="renamed" if apply else "would rename", interval=run_cfg.progress_interval
+        ),
+        plan_fh=plan_fh,
+        sample=[],
+    )
+
+
+async def _server_limits(control: Conn, run_cfg: RunConfig) -> tuple[LockBudget, str | None]:
+    """On --apply: the lock budget of the server's lock table, and the wal_compression the
+    batches set for themselves (None: the server's). Refuses a method the server lacks."""
+    if not run_cfg.apply:
+        return LockBudget(None), None  # a dry run takes no locks
+    info = await catalog.server_info(control)
+    wal_method = await catalog.wal_compression(control, run_cfg.wal_compression, info.version_num)
+    # "out of shared memory" mid-run would fail batches over and over: stay under it
+    # (shown as batch_ceiling in the "run started" line; `set` goes through it too)
+    return LockBudget(info.lock_slots), wal_method
+
+
+async def _refuse_before_writing(
+    control: Conn, target: Target, run_cfg: RunConfig, sampler: HealthSampler
+) -> None:
+    """The guardrails' queries and the scan index: refused here, before anything changes (a
+    typo must not leave a state schema or a runs row behind)."""
+    if run_cfg.throttle.watches_database:
+        # a broken --throttle-query or --replica-url fails here, before anything changes
+        await sampler.check(control, run_cfg.throttle)
+    if target.scan_index is None:
+        if not run_cfg.create_scan_index:
+            raise _no_index_error(target)
+        if not run_cfg.apply:
+            raise UsageError("--create-scan-index writes (it builds an index): use it with --apply")
+        await catalog.check_owner(control, target, why="--create-scan-index builds an index on it")
+
+
+async def _register(
+    control: Conn,
+    st: sql.StateSql,
+    cfg: ConnectConfig,
+    run_cfg: RunConfig,
+    target: Target,
+    run_id: str,
+    wal_method: str | None,
+    resources: contextlib.AsyncExitStack,
+) -> tuple[str, state.RunRecord | None, state.RunLock | None]:
+    """On --apply: take the run's lock, then register the run or re-open it to resume.
+    Returns its id, the record it resumes from, and its lock. A dry run records nothing."""
+    if not run_cfg.apply:
+        return run_id, None, None
+    run_lock = state.RunLock(control, run_id)
+    await run_lock.acquire()
+    run_id, resumed = await state.start_run(
+        control,
+        st,
+        target,
+        run_id=run_id,
+        command="run",
+        options=_run_options(run_cfg, wal_method),
+        database_url=redact_dsn(cfg.database_url),
+    )
+    # Anything that fails from here until the run's end is recorded marks it failed
+    # (resumable), never leaves it "running" behind a process that has exited.
+    resources.push_async_exit(_MarkFailedUnlessFinished(control, st, run_id, run_lock))
+    return run_id, resumed, run_lock
+
+
+def _run_options(run_cfg: RunConfig, wal_method: str | None) -> dict[str, Any]:
+    """The options the runs row keeps (no URL passwords)."""
+    return {
+        "batch_size": run_cfg.batch_size,
+        "concurrency": run_cfg.concurrency,
+        "keep": [asdict(k) for k in run_cfg.keep],
+        "template": run_cfg.template,
+        "lock_timeout": run_cfg.lock_timeout,
+        "statement_timeout": run_cfg.statement_timeout,
+        "wal_compression": wal_method or "server",
+        "throttle": _throttle_options(run_cfg),
+    }
+
+
+def _open_plan(output: Path | None) -> IO[str] | None:
+    """The dry run's plan file (--output), truncated now that the run has started."""
+    if output is None:
+        return None
+    try:
+        # a plan line is small and written whole; a thread per write would cost more
+        return Path(output).open("w", encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--output {output}: {exc.strerror}") from None
+
+
+def _pace(
+    cfg: ConnectConfig,
+    run_cfg: RunConfig,
+    run_id: str,
+    stats: Stats,
+    sizer: BatchSizer,
+    budget: LockBudget,
+    throttle: Throttle,
+) -> tuple[Knobs, Governor | None]:
+    """The one owner of the pace (Knobs: the batch ceiling on the sizer, the workers' limiter,
+    the throttle's limits) and, with --max-impact on --apply, the governor wired into the
+    sizer, the throttle's gate and the knobs."""
+    # Renames clear the visibility map of the pages they touch, and every cleared page
+    # turns the scan's index-only reads into heap reads: few workers while the scan runs,
+    # all of them once it is done.
+    limiter = anyio.CapacityLimiter(min(run_cfg.concurrency, run_cfg.concurrency_while_scanning))
+    knobs = Knobs(
+        sizer=sizer,
+        budget=budget,
+        limiter=limiter,
+        throttle=throttle,
+        stats=stats,
+        batch_size=run_cfg.batch_size,
+        concurrency=run_cfg.concurrency,
+        concurrency_while_scanning=run_cfg.concurrency_while_scanning,
+    )
+    governor: Governor | None = None
+    if run_cfg.apply and run_cfg.impact.max_impact is not None:
+        governor = Governor(cfg, run_cfg.impact, stats, run_id, cfg.state_schema)
+        governor.sizer = sizer
+        throttle.governor = governor
+        knobs.governor = governor
+    return knobs, governor
+
+
+# --- run: engine ---------------------------------------------------------------------------
+
+
+async def _engine(r: _Run, *, handle_signals: bool) -> None:
+    """The side tasks (progress, monitor, checkpoints, signals, governor) around the work;
+    sets r.status when the work has ended."""
+    async with anyio.create_task_group() as side:
+        side.start_soon(r.reporter.run)
+        side.start_soon(r.monitor.run)
+        if r.apply:
+            side.start_soon(_save_checkpoints, r)
+        if handle_signals:
+            side.start_soon(signals.set_on_signal, r.stop)
+        if r.governor is not None:
+            # the baseline is the application's latency before this run writes (or
+            # reads) anything; the probe and the controller then run until the end
+            side.start_soon(r.governor.run)
+            await first_of(r.governor.wait_baseline, r.stop.wait)
+        await _work(r, side)
+        if r.monitor.error is not None:
+            r.status = "failed"
+        else:
+            r.status = "interrupted" if r.stop.is_set() else "completed"
+        side.cancel_scope.cancel()
+
+
+async def _work(r: _Run, side: TaskGroup) -> None:
+    """Scan -> spool -> pump -> bounded stream -> workers, until the scan has been worked off
+    or the run stops (`_stop_when_asked`, in the side tasks, cancels the scan)."""
+    send, recv = anyio.create_memory_object_stream[WorkItem](max(2, r.run_cfg.concurrency * 2))
+    async with anyio.create_task_group() as work:
+        scan_scope = anyio.CancelScope()
+        work.start_soon(_produce, r, scan_scope)
+        work.start_soon(_pump, r.spool, send, r.stop)
+        side.start_soon(_stop_when_asked, r, scan_scope)
+        async with recv:
+            for _ in range(_worker_tasks(r.run_cfg)):
+                work.start_soon(_consume, r, recv.clone())
+
+
+async def _produce(r: _Run, scope: anyio.CancelScope) -> None:
+    """Fill the spool: a resume's retried groups first, then the scan of the key ranges."""
+    producer = _Producer(r.spool, r.checkpoints, r.run_cfg.batch_size)
+    with scope:
+        try:
+            if r.resumed is not None:
+                # the groups the earlier process skipped, before the unfinished ranges
+                await _produce_retries(
+                    r.pool, r.st, r.run_id, r.spool, r.run_cfg.batch_size, r.stats
+                )
+            await _scan_groups(
+                r.pool,
+                r.target,
+                r.ranges,
+                r.run_cfg.scan.page_size,
+                r.stats,
+                producer.on_page,
+                producer.finish_range,
+                r.stop,
+                r.throttle.wait_open,
+            )
+            r.stats.scan_seconds = r.stats.elapsed()
+            r.knobs.scan_finished()
+            log.info(
+                "scan finished",
+                seconds=round(r.stats.scan_seconds, 2),
+                groups=r.stats.groups_found,
+                spooled_bytes=r.spool.peak_disk_bytes,
+            )
+        finally:
+            r.spool.close()
+
+
+async def _pump(
+    spool: Spool[WorkItem], send: ObjectSendStream[WorkItem], stop: anyio.Event
+) -> None:
+    # spool -> bounded stream: the workers' backpressure stops here, not at the scan
+    async with send:
+        while (item := await spool.get()) is not None:
+            if stop.is_set():
+                return
+            await send.send(item)
+
+
+async def _consume(r: _Run, items: ObjectReceiveStream[WorkItem]) -> None:
+    worker = r.worker()
+    limiter, stop = r.knobs.limiter, r.stop
+    async with items:
+        while not stop.is_set():
+            # The limiter before an item: only as many workers as it allows hold work
+            # (its size follows `set --concurrency` and the end of the scan).
+            async with limiter:
+                try:
+                    item = await items.receive()
+                except anyio.EndOfStream:
+                    return
+                if stop.is_set():
+                    return
+                try:
+                    await worker.handle(item)
+                except Stopping:
+                    return  # not checkpointed: a resume does the rest of the item
+            if not item.retry:  # retried groups are tracked in <state>.skipped
+                r.checkpoints.complete(item.range_index, item.seq, item.last_key)
+
+
+async def _save_checkpoints(r: _Run) -> None:
+    while True:
+        await anyio.sleep(CHECKPOINT_INTERVAL)
+        # shielded: a cancel mid-query would leave the control connection unusable
+        with (
+            anyio.CancelScope(shield=True),
+            contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError),
+        ):
+            await state.save_progress(
+                r.control,
+                r.st,
+                r.run_id,
+                groups=r.stats.groups_done,
+                renamed=r.stats.renamed,
+                skipped=r.stats.skipped_rows,
+                checkpoint=r.checkpoint(),
+            )
+        if r.control.is_closed():
+            # The run lock went with that session (server restart, terminated backend):
+            # another process may take the run now, so this one must not go on.
+            log.error("lost the connection holding the run lock; stopping")
+            r.stop.set()
+            return
+
+
+async def _stop_when_asked(r: _Run, scan_scope: anyio.CancelScope) -> None:
+    await r.stop.wait()
+    # Stop taking work: cancel the scan, drop what waits in the spool (the checkpoint
+    # has not passed it: a resume scans it again); in-flight batches finish.
+    scan_scope.cancel()
+    r.spool.discard()
+    r.throttle.wake()  # workers waiting out a pause leave their items
+
+
+# --- run: finish ---------------------------------------------------------------------------
+
+
+async def _finish_run(r: _Run) -> RunSummary:
+    """However the run ended (its work done, a stop, an error): let go of what it holds here,
+    settle its final status (`incomplete` while skipped groups remain on record), write it with
+    the summary, and release the scan index. Raises ConnectError when the server cannot be
+    told (the control connection is gone)."""
+    r.spool.discard()
+    if r.plan_fh is not None:
+        r.plan_fh.close()
+    r.reporter.close()
+    control_lost = r.apply and r.control.is_closed()
+    skipped = await _skipped_on_record(r.control, r.st, r.run_id, r.skips, r.stats, apply=r.apply)
+    status = r.status
+    if status == "completed" and skipped.total_groups:
+        status = "incomplete"  # a resume retries exactly the groups on record
+    await _sample_wal_end(r.control, r.stats)
+    summary = _summary(r, status, skipped)
+    if r.apply and not control_lost:
+        control_lost = not await _finish(
+            r.control,
+            r.st,
+            r.run_id,
+            status=status,
+            stats=r.stats,
+            base_renamed=r.resumed.renamed if r.resumed else 0,
+            checkpoint=r.checkpoint(),
+            summary=summary,
+            run_lock=r.run_lock,
+        )
+    if r.scan_lease is not None and not control_lost:
+        await _release_scan_index(r.scan_lease, r.run_cfg, status)
+    if control_lost:
+        # The run cannot be marked: it stays "running", resumable from its last saved
+        # checkpoint (work after it is found again by the scan, already-renamed groups
+        # are no longer duplicates).
+        raise ConnectError(
+            f"lost the connection to the server during run {r.run_id} (server restarted "
+            "or session terminated); "
+            "every committed batch is whole and audited: resume with "
+            f"--run-id {r.run_id} once the server is back"
+        )
+    return summary
+
+
+async def _sample_wal_end(control: Conn, stats: Stats) -> None:
+    if stats.wal_start is not None and not control.is_closed():
+        with (
+            anyio.CancelScope(shield=True),
+            anyio.move_on_after(FINISH_BUDGET),
+            contextlib.suppress(*errors.DRIVER_ERRORS),
+        ):
+            stats.wal_end = await control.fetchval(sql.HEALTH_WAL_POSITION)
+
+
+async def _release_scan_index(
+    lease: scanindex.ScanIndexLease, run_cfg: RunConfig, status: str
+) -> None:
+    # A run that asked for a temporary index drops it, unless another run still
+    # uses it: the last of them to end drops it.
+    drop = (
+        run_cfg.apply
+        and status == "completed"
+        and run_cfg.create_scan_index
+        and not run_cfg.keep_scan_index
+    )
+    with anyio.CancelScope(shield=True), anyio.move_on_after(60):
+        await lease.release(drop=drop)
+
+
 class _Producer:
     """Packs the groups of each key range into work items of about `batch_size` renames."""
 
@@ -241,374 +786,6 @@ def _check_output(path: Path) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"--output {path}: {exc.strerror}") from None
-
-
-async def run(
-    cfg: ConnectConfig,
-    run_cfg: RunConfig = RunConfig(),
-    *,
-    handle_signals: bool = False,
-    stop: anyio.Event | None = None,
-) -> RunSummary:
-    """Deduplicate the key column: a dry run (default; writes nothing anywhere) or --apply.
-
-    Set `stop` (or send SIGINT/SIGTERM with `handle_signals`) to stop taking work: in-flight
-    batches finish, the run is marked interrupted with its checkpoint and can be resumed.
-    """
-    stop = stop or anyio.Event()
-    stats = Stats()
-    apply = run_cfg.apply
-    scan_cfg = run_cfg.scan
-    plan_fh: IO[str] | None = None
-    sample: list[Rename] = []
-    # --apply can be told `set --concurrency N` while running: worker tasks (and pool room) up
-    # to the cap; the limiter keeps only N of them working, so only N connections are used.
-    workers = MAX_CONCURRENCY if apply else run_cfg.concurrency
-    size = workers + scan_cfg.scanners + 1
-    monitor: Monitor | None = None
-    scan_lease: scanindex.ScanIndexLease | None = None
-    status = "failed"
-    run_id = run_cfg.run_id or state.new_run_id()
-    st = sql.StateSql(cfg.state_schema)
-    if run_cfg.output is not None:
-        _check_output(run_cfg.output)
-
-    async with (
-        errors.boundary("run"),
-        db.connect(cfg) as control,
-        db.pool(cfg, size=size, statement_timeout=scan_cfg.statement_timeout) as pool,
-        contextlib.AsyncExitStack() as resources,
-    ):
-        target = await _resolve(control, cfg, run_cfg.keep, write=apply)
-        lock_budget = LockBudget(None)  # a dry run takes no locks
-        wal_method: str | None = None
-        if apply:
-            info = await catalog.server_info(control)
-            wal_method = await catalog.wal_compression(
-                control, run_cfg.wal_compression, info.version_num
-            )
-            # "out of shared memory" mid-run would fail batches over and over: stay under it
-            # (shown as batch_ceiling in the "run started" line; `set` goes through it too)
-            lock_budget = LockBudget(info.lock_slots)
-        ceiling = lock_budget.clamp(run_cfg.batch_size, run_cfg.concurrency)
-        throttle = Throttle(run_cfg.throttle, stats, stop)
-        sampler = HealthSampler(cfg, target.oid, run_cfg.throttle)
-        resources.push_async_callback(sampler.close)
-        if run_cfg.throttle.watches_database:
-            # a broken --throttle-query or --replica-url fails here, before anything changes
-            await sampler.check(control, run_cfg.throttle)
-        # Every check that can refuse the run comes before the first write.
-        if target.scan_index is None:
-            if not run_cfg.create_scan_index:
-                raise _no_index_error(target)
-            if not apply:
-                raise UsageError(
-                    "--create-scan-index writes (it builds an index): use it with --apply"
-                )
-            await catalog.check_owner(
-                control, target, why="--create-scan-index builds an index on it"
-            )
-        if apply:
-            await state.ensure_schema(control, st)
-        # Built when missing, else reused; held for the whole run so no other run drops it.
-        scan_lease = await resources.enter_async_context(
-            scanindex.lease(control, target, create=apply and run_cfg.create_scan_index)
-        )
-        run_lock: state.RunLock | None = None
-        resumed: state.RunRecord | None = None
-        if apply:
-            run_lock = state.RunLock(control, run_id)
-            await run_lock.acquire()
-            options = {
-                "batch_size": run_cfg.batch_size,
-                "concurrency": run_cfg.concurrency,
-                "keep": [asdict(k) for k in run_cfg.keep],
-                "template": run_cfg.template,
-                "lock_timeout": run_cfg.lock_timeout,
-                "statement_timeout": run_cfg.statement_timeout,
-                "wal_compression": wal_method or "server",
-                "throttle": _throttle_options(run_cfg),
-            }
-            run_id, resumed = await state.start_run(
-                control,
-                st,
-                target,
-                run_id=run_id,
-                command="run",
-                options=options,
-                database_url=redact_dsn(cfg.database_url),
-            )
-            # Anything that fails from here until the run's end is recorded marks it failed
-            # (resumable), never leaves it "running" behind a process that has exited.
-            resources.push_async_exit(_MarkFailedUnlessFinished(control, st, run_id, run_lock))
-        ranges = resumed.remaining_ranges() if resumed else None
-        if ranges is None:
-            ranges = await plan_ranges(control, target, scan_cfg.scanners)
-        checkpoints = state.Checkpoints(ranges)
-        stats.estimated_rows = target.estimated_rows
-        structlog.contextvars.bind_contextvars(run_id=run_id, table=target.display)
-        if apply:  # the summary shows the WAL written until the end (by every session)
-            stats.wal_start = await control.fetchval(sql.HEALTH_WAL_POSITION)
-        log.info(
-            "run started",
-            mode="apply" if apply else "dry-run",
-            resumed=resumed is not None,
-            ranges=len(ranges),
-            batch_size=run_cfg.batch_size,
-            # lower than batch_size when the server's lock table is small (LockBudget)
-            batch_ceiling=ceiling,
-            concurrency=run_cfg.concurrency,
-            wal_compression=wal_method or "server",
-        )
-
-        if run_cfg.output is not None:
-            try:
-                # a plan line is small and written whole; a thread per write would cost more
-                plan_fh = Path(run_cfg.output).open("w", encoding="utf-8")  # noqa: SIM115, ASYNC230
-            except OSError as exc:
-                raise UsageError(f"--output {run_cfg.output}: {exc.strerror}") from None
-        skips = state.SkipLog(pool if apply else None, st, run_id)
-        worker_kw: dict[str, Any] = {
-            "pool": pool,
-            "target": target,
-            "queries": target.queries(cfg.state_schema),
-            "run_id": run_id,
-            "apply": apply,
-            "sizer": BatchSizer(
-                target=run_cfg.target_batch_time,
-                minimum=run_cfg.min_batch_size,
-                maximum=ceiling,
-            ),
-            "skips": skips,
-            "template": run_cfg.template,
-            "lock_timeout": run_cfg.lock_timeout,
-            "statement_timeout": run_cfg.statement_timeout,
-            "wal_compression": wal_method,
-            "max_retries": run_cfg.max_retries,
-            "stats": stats,
-            "plan": PlanWriter(plan_fh) if plan_fh else None,
-            "sample": sample,
-        }
-        spool: Spool[WorkItem] = Spool(directory=run_cfg.spool_dir)
-        send, recv = anyio.create_memory_object_stream[WorkItem](max(2, run_cfg.concurrency * 2))
-        producer = _Producer(spool, checkpoints, run_cfg.batch_size)
-        reporter = Reporter(
-            stats, verb="renamed" if apply else "would rename", interval=run_cfg.progress_interval
-        )
-
-        async def produce() -> None:
-            try:
-                if resumed is not None:
-                    # the groups the earlier process skipped, before the unfinished ranges
-                    await _produce_retries(pool, st, run_id, spool, run_cfg.batch_size, stats)
-                await _scan_groups(
-                    pool,
-                    target,
-                    ranges,
-                    scan_cfg.page_size,
-                    stats,
-                    producer.on_page,
-                    producer.finish_range,
-                    stop,
-                    throttle.wait_open,
-                )
-                stats.scan_seconds = stats.elapsed()
-                knobs.scan_finished()
-                log.info(
-                    "scan finished",
-                    seconds=round(stats.scan_seconds, 2),
-                    groups=stats.groups_found,
-                    spooled_bytes=spool.peak_disk_bytes,
-                )
-            finally:
-                spool.close()
-
-        async def pump() -> None:
-            # spool -> bounded stream: the workers' backpressure stops here, not at the scan
-            async with send:
-                while (item := await spool.get()) is not None:
-                    if stop.is_set():
-                        return
-                    await send.send(item)
-
-        # Renames clear the visibility map of the pages they touch, and every cleared page
-        # turns the scan's index-only reads into heap reads: few workers while the scan runs,
-        # all of them once it is done.
-        limiter = anyio.CapacityLimiter(
-            min(run_cfg.concurrency, run_cfg.concurrency_while_scanning)
-        )
-        knobs = Knobs(
-            sizer=worker_kw["sizer"],
-            budget=lock_budget,
-            limiter=limiter,
-            throttle=throttle,
-            stats=stats,
-            batch_size=run_cfg.batch_size,
-            concurrency=run_cfg.concurrency,
-            concurrency_while_scanning=run_cfg.concurrency_while_scanning,
-        )
-        run_control = RunControl(st, run_id, knobs) if apply else None
-        if run_control is not None:
-            await run_control.reset(control)
-        monitor = await resources.enter_async_context(
-            Monitor(cfg, throttle=throttle, stats=stats, sampler=sampler, control=run_control)
-        )
-        await monitor.tick()  # no batch before the health is known
-
-        async def consume(items: ObjectReceiveStream[WorkItem]) -> None:
-            worker = Worker(**worker_kw, before_batch=throttle.gate())
-            async with items:
-                while not stop.is_set():
-                    # The limiter before an item: only as many workers as it allows hold work
-                    # (its size follows `set --concurrency` and the end of the scan).
-                    async with limiter:
-                        try:
-                            item = await items.receive()
-                        except anyio.EndOfStream:
-                            return
-                        if stop.is_set():
-                            return
-                        try:
-                            await worker.handle(item)
-                        except Stopping:
-                            return  # not checkpointed: a resume does the rest of the item
-                    if not item.retry:  # retried groups are tracked in <state>.skipped
-                        checkpoints.complete(item.range_index, item.seq, item.last_key)
-
-        async def save_checkpoints() -> None:
-            while True:
-                await anyio.sleep(CHECKPOINT_INTERVAL)
-                # shielded: a cancel mid-query would leave the control connection unusable
-                with (
-                    anyio.CancelScope(shield=True),
-                    contextlib.suppress(asyncpg.PostgresError, OSError, asyncpg.InterfaceError),
-                ):
-                    await state.save_progress(
-                        control,
-                        st,
-                        run_id,
-                        groups=stats.groups_done,
-                        renamed=stats.renamed,
-                        skipped=stats.skipped_rows,
-                        checkpoint=checkpoints.to_json() | {"live": live_snapshot(stats, knobs)},
-                    )
-                if control.is_closed():
-                    # The run lock went with that session (server restart, terminated backend):
-                    # another process may take the run now, so this one must not go on.
-                    log.error("lost the connection holding the run lock; stopping")
-                    stop.set()
-                    return
-
-        async def stop_when_asked(scope: anyio.CancelScope) -> None:
-            await stop.wait()
-            # Stop taking work: cancel the scan, drop what waits in the spool (the checkpoint
-            # has not passed it: a resume scans it again); in-flight batches finish.
-            scope.cancel()
-            spool.discard()
-            throttle.wake()  # workers waiting out a pause leave their items
-
-        governor: Governor | None = None
-        if apply and run_cfg.impact.max_impact is not None:
-            governor = Governor(cfg, run_cfg.impact, stats, run_id, cfg.state_schema)
-            governor.sizer = worker_kw["sizer"]
-            throttle.governor = governor
-            knobs.governor = governor
-
-        try:
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(reporter.run)
-                outer.start_soon(monitor.run)
-                if apply:
-                    outer.start_soon(save_checkpoints)
-                if handle_signals:
-                    outer.start_soon(signals.set_on_signal, stop)
-                if governor is not None:
-                    # the baseline is the application's latency before this run writes (or
-                    # reads) anything; the probe and the controller then run until the end
-                    outer.start_soon(governor.run)
-                    await _first_of(governor.wait_baseline, stop.wait)
-                async with anyio.create_task_group() as work:
-                    producer_scope = anyio.CancelScope()
-
-                    async def guarded_produce() -> None:
-                        with producer_scope:
-                            await produce()
-
-                    work.start_soon(guarded_produce)
-                    work.start_soon(pump)
-                    outer.start_soon(stop_when_asked, producer_scope)
-                    async with recv:
-                        for _ in range(workers):
-                            work.start_soon(consume, recv.clone())
-                if monitor.error is not None:
-                    status = "failed"
-                else:
-                    status = "interrupted" if stop.is_set() else "completed"
-                outer.cancel_scope.cancel()
-        finally:
-            spool.discard()
-            if plan_fh is not None:
-                plan_fh.close()
-            reporter.close()
-            control_lost = apply and control.is_closed()
-            skipped = await _skipped_on_record(control, st, run_id, skips, stats, apply=apply)
-            if status == "completed" and skipped.total_groups:
-                status = "incomplete"  # a resume retries exactly the groups on record
-            if stats.wal_start is not None and not control.is_closed():
-                with (
-                    anyio.CancelScope(shield=True),
-                    anyio.move_on_after(FINISH_BUDGET),
-                    contextlib.suppress(*errors.DRIVER_ERRORS),
-                ):
-                    stats.wal_end = await control.fetchval(sql.HEALTH_WAL_POSITION)
-            summary = _summary(
-                run_id, apply, status, target, stats, run_cfg, sample, cfg=cfg, skipped=skipped
-            )
-            if governor is not None:
-                p99_ms, baseline_ms, budget = governor.figures()
-                summary = dataclasses.replace(
-                    summary,
-                    impact_p99_ms=p99_ms,
-                    impact_baseline_ms=baseline_ms,
-                    impact_target=budget,
-                )
-            if apply and not control_lost:
-                control_lost = not await _finish(
-                    control,
-                    st,
-                    run_id,
-                    status=status,
-                    stats=stats,
-                    base_renamed=resumed.renamed if resumed else 0,
-                    checkpoint=checkpoints.to_json() | {"live": live_snapshot(stats, knobs)},
-                    summary=summary,
-                    run_lock=run_lock,
-                )
-            if scan_lease is not None and not control_lost:
-                # A run that asked for a temporary index drops it, unless another run still
-                # uses it: the last of them to end drops it.
-                drop = (
-                    apply
-                    and status == "completed"
-                    and run_cfg.create_scan_index
-                    and not run_cfg.keep_scan_index
-                )
-                with anyio.CancelScope(shield=True), anyio.move_on_after(60):
-                    await scan_lease.release(drop=drop)
-            if control_lost:
-                # The run cannot be marked: it stays "running", resumable from its last saved
-                # checkpoint (work after it is found again by the scan, already-renamed groups
-                # are no longer duplicates).
-                raise ConnectError(
-                    f"lost the connection to the server during run {run_id} (server restarted "
-                    "or session terminated); "
-                    "every committed batch is whole and audited: resume with "
-                    f"--run-id {run_id} once the server is back"
-                )
-        structlog.contextvars.unbind_contextvars("run_id", "table")
-    if monitor is not None and monitor.error is not None:
-        raise monitor.error  # the run is saved as failed (resumable); say why
-    return summary
 
 
 async def _produce_retries(
@@ -733,18 +910,6 @@ class _MarkFailedUnlessFinished:
         return False
 
 
-async def _first_of(*waits: Callable[[], Awaitable[Any]]) -> None:
-    """Return as soon as one of the waits returns (the others are cancelled)."""
-    async with anyio.create_task_group() as tg:
-
-        async def one(wait: Callable[[], Awaitable[Any]]) -> None:
-            await wait()
-            tg.cancel_scope.cancel()
-
-        for wait in waits:
-            tg.start_soon(one, wait)
-
-
 def _throttle_options(run_cfg: RunConfig) -> dict[str, Any]:
     """The guardrails that differ from their defaults, for the runs row (no URL passwords)."""
     t = run_cfg.throttle
@@ -758,25 +923,19 @@ def _throttle_options(run_cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def _summary(
-    run_id: str,
-    apply: bool,
-    status: str,
-    target: Target,
-    stats: Stats,
-    run_cfg: RunConfig,
-    sample: list[Rename],
-    *,
-    cfg: ConnectConfig,
-    skipped: state.SkippedSummary,
-) -> RunSummary:
+def _summary(r: _Run, status: str, skipped: state.SkippedSummary) -> RunSummary:
+    run_id, apply, target, stats, run_cfg = r.run_id, r.apply, r.target, r.stats, r.run_cfg
     ms = [s * 1000 for s in stats.batch_seconds]
     elapsed = stats.elapsed()
     retry = None
     if apply and skipped.total_groups and status in ("incomplete", "interrupted", "failed"):
-        retry = resume_command(cfg, target, run_id)
+        retry = resume_command(r.cfg, target, run_id)
     wal = stats.wal_bytes()
     wal_per_rename = round(wal / stats.renamed, 1) if wal is not None and stats.renamed else None
+    # the impact governor's figures (None: --max-impact off)
+    p99_ms, baseline_ms, budget = (
+        r.governor.figures() if r.governor is not None else (None, None, None)
+    )
     return RunSummary(
         run_id=run_id,
         mode="apply" if apply else "dry-run",
@@ -802,11 +961,14 @@ def _summary(
         scan_s=round(stats.scan_seconds, 3),
         output=str(run_cfg.output) if run_cfg.output else None,
         sample=tuple(
-            {"pk": r.pk, "old_value": r.old, "new_value": r.new, "survivor_pk": r.survivor_pk}
-            for r in sample
+            {"pk": s.pk, "old_value": s.old, "new_value": s.new, "survivor_pk": s.survivor_pk}
+            for s in r.sample
         ),
         wal_bytes=wal,
         wal_bytes_per_rename=wal_per_rename,
+        impact_p99_ms=p99_ms,
+        impact_baseline_ms=baseline_ms,
+        impact_target=budget,
     )
 
 

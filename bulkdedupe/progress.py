@@ -57,6 +57,7 @@ class Stats:
     impact_target: float | None = None
     pace: float | None = None  # renames/s the governor allows now
     held_by: str | None = None  # who holds the run right now (e.g. "governor: baseline")
+    eta_now: float | None = None  # the display's ETA: from the current paces, both phases
     rows_to_rename: int = 0  # in the groups found so far (each group's count - 1): see found()
     # the server's WAL position (bytes) at the run's start and end (--apply), for the summary
     wal_start: int | None = None
@@ -341,6 +342,7 @@ class Reporter:
         s = self.stats
         self.scan_pace.add(now, s.scanned_rows)
         self.rename_pace.add(now, s.renamed + s.skipped_rows)
+        s.eta_now = self.snapshot().eta  # for `status`, from the same paces as the display
 
     def snapshot(self, *, scanning: bool | None = None) -> Snapshot:
         return snapshot(

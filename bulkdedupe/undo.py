@@ -18,7 +18,9 @@ from .catalog import Target
 from .config import ConnectConfig, UndoConfig, redact_dsn
 from .db import Conn
 from .errors import BulkDedupeError, RunStateError, TargetError, from_driver
+from .governor import Governor, first_of
 from .planner import equality_key
+from .progress import Stats
 from .results import UndoSummary
 from .worker import batch_settings
 
@@ -168,12 +170,23 @@ class _Undoer:
             self.tally.batches += 1
             cursor = rows[-1]["id"]
 
-    async def apply(self, control: Conn, pool: asyncpg.Pool, stop: anyio.Event) -> None:
+    async def apply(
+        self,
+        control: Conn,
+        pool: asyncpg.Pool,
+        stop: anyio.Event,
+        governor: Governor | None = None,
+    ) -> None:
         cursor = sql.MAX_BIGINT
         while not stop.is_set():
-            page = await control.fetch(
-                self.u.changes_page_desc, self.ucfg.run_id, cursor, self.batch_size
-            )
+            size = self.batch_size
+            if governor is not None:
+                await governor.pace(stop)
+                if stop.is_set():
+                    return
+                size = governor.batch_limit(size)
+                governor.stats.renamed = self.tally.restored  # what the pace has been spent on
+            page = await control.fetch(self.u.changes_page_desc, self.ucfg.run_id, cursor, size)
             if not page:
                 return
             batch: list[_Change] = []
@@ -344,6 +357,8 @@ async def _apply(
     undoer.settings = batch_settings(ucfg.lock_timeout, ucfg.statement_timeout, method)
     # Two advisory locks per change (its old and its restored value), as a rename batch.
     undoer.batch_size = LockBudget(info.lock_slots).clamp(ucfg.batch_size, UNDO_CONCURRENCY)
+    # what a newer release added to the state schema (the probe's heartbeat, skipped groups)
+    await state.ensure_schema(control, st)
     undo_run_id = state.new_run_id()
     undo_lock = state.RunLock(control, undo_run_id)
     await undo_lock.acquire()
@@ -372,11 +387,20 @@ async def _apply(
     )
     status = "failed"
     t = undoer.tally
+    governor = None
+    if ucfg.impact.max_impact is not None:
+        governor = Governor(cfg, ucfg.impact, Stats(), undo_run_id, cfg.state_schema)
     try:
-        async with db.pool(
-            cfg, size=UNDO_CONCURRENCY, statement_timeout=ucfg.statement_timeout
-        ) as pool:
-            await undoer.apply(control, pool, stop)
+        async with (
+            db.pool(cfg, size=UNDO_CONCURRENCY, statement_timeout=ucfg.statement_timeout) as pool,
+            anyio.create_task_group() as tg,
+        ):
+            if governor is not None:
+                # paced as a run is: the baseline first, then the probe holds the restores
+                tg.start_soon(governor.run)
+                await first_of(governor.wait_baseline, stop.wait)
+            await undoer.apply(control, pool, stop, governor)
+            tg.cancel_scope.cancel()
         status = "interrupted" if stop.is_set() else "completed"
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):

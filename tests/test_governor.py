@@ -188,3 +188,22 @@ async def test_a_dry_run_needs_no_probe(dsn: str) -> None:
         summary = await pipeline.run(connect(dsn), RunConfig(impact=impact))
     assert summary.mode == "dry-run"
     assert summary.impact_target is None
+
+
+async def test_undo_is_paced_by_the_governor_too(dsn: str) -> None:
+    from bulkdedupe import UndoConfig, undo
+
+    await create_payments(dsn, rows=[(f"u{i:03d}",) for i in range(100) for _ in range(2)])
+    cfg = connect(dsn)
+    summary = await pipeline.run(cfg, apply_cfg())
+    assert summary.rows_renamed == 100
+    impact = ImpactConfig(max_impact=3.0, baseline=0.3, remeasure_every=None)
+    with anyio.fail_after(60):
+        result = await undo(
+            cfg, UndoConfig(run_id=summary.run_id, apply=True, batch_size=10, impact=impact)
+        )
+    assert result.status == "completed"
+    assert result.restored == 100
+    beats = await fetch(dsn, "SELECT run_id, beat FROM bulkdedupe.heartbeat")
+    assert [r["run_id"] for r in beats] == [result.run_id]  # the undo's own probe
+    assert beats[0]["beat"] >= 3
