@@ -8,6 +8,7 @@ import functools
 import io
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -394,6 +395,9 @@ def handle_errors(f: Callable[..., int]) -> Callable[..., None]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         ctx = click.get_current_context()
         debug = ctx.find_root().params.get("log_level") == "debug"
+        # SIGTERM outside a run's own handler (before it starts, after it ended) is Ctrl-C:
+        # "interrupted", exit 130, as documented, never a silent death by signal
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             code = f(*args, **kwargs)
         except BulkDedupeError as exc:

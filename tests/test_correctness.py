@@ -313,3 +313,30 @@ async def test_operator_error_from_a_task_is_not_chained_to_itself(
         await pipeline.run(connect(dsn), apply_cfg())
     assert info.value.__cause__ is not info.value
     assert state.RESUMABLE  # the run itself was saved as failed, resumable
+
+
+# --- SIGTERM outside a run's own handler ----------------------------------------------------
+
+
+async def test_sigterm_while_no_run_handles_it_is_an_interruption_exit_130(dsn: str) -> None:
+    # `report` streams the audit trail with no signal handler of its own; stdout is a pipe
+    # the test never reads, so the process blocks writing to it when the signal comes.
+    import signal
+
+    from tests.faults_support import cli_args
+    from tests.helpers import REPO_ROOT
+
+    await create_payments(dsn, rows=pairs(3000))
+    summary = await pipeline.run(connect(dsn), apply_cfg(batch_size=1000))
+    assert summary.rows_renamed == 3000
+    args = cli_args("report", "--run-id", summary.run_id, "--format", "csv", "-d", dsn)
+    async with await anyio.open_process(args, cwd=REPO_ROOT) as proc:
+        await anyio.sleep(3)  # started, connected, and blocked on the full pipe
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            assert proc.stderr is not None
+            err = (await proc.stderr.receive()).decode()
+            await proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
