@@ -3,6 +3,7 @@ the result, exit with the documented code. Only bulkdedupe's own errors are caug
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -10,8 +11,9 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -395,11 +397,9 @@ def handle_errors(f: Callable[..., int]) -> Callable[..., None]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         ctx = click.get_current_context()
         debug = ctx.find_root().params.get("log_level") == "debug"
-        # SIGTERM outside a run's own handler (before it starts, after it ended) is Ctrl-C:
-        # "interrupted", exit 130, as documented, never a silent death by signal
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            code = f(*args, **kwargs)
+            with _sigterm_interrupts():
+                code = f(*args, **kwargs)
         except BulkDedupeError as exc:
             if debug:
                 traceback.print_exc()
@@ -420,6 +420,21 @@ def handle_errors(f: Callable[..., int]) -> Callable[..., None]:
         ctx.exit(code)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM outside a run's own handler (before it starts, after it ended) is Ctrl-C:
+    "interrupted", exit 130, as documented, never a silent death by signal. Only the main
+    thread may set handlers: a command invoked in-process from another thread keeps them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def emit(result: Any, fmt: str) -> None:
