@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import asyncpg
@@ -191,6 +191,15 @@ async def check_audit(
         problems.append(f"rows vanished: {sorted(baseline.keys() - current.keys())[:10]}")
     assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} problems)"
     return changed
+
+
+async def check_audit_of(dsn: str, baseline: dict[int, str | None], **kw: Any) -> int:
+    """check_audit on a connection of its own (for tests that hold none)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await check_audit(conn, baseline, **kw)
+    finally:
+        await conn.close()
 
 
 async def duplicate_groups(conn: asyncpg.Connection) -> int:

@@ -14,7 +14,7 @@ from bulkdedupe import pipeline, state
 from bulkdedupe.errors import InternalError, TargetError
 from bulkdedupe.worker import Worker
 from tests.factories import apply_cfg, audit_rows, connect, duplicate_groups, run_record
-from tests.faults_support import check_audit, slow_down_renames
+from tests.faults_support import check_audit_of, slow_down_renames
 from tests.helpers import create_payments, execute, fetch, fetch_keys, fetchval
 
 pytestmark = pytest.mark.anyio
@@ -54,11 +54,7 @@ async def test_group_whose_losers_fit_no_value_ends_with_each_row_decided_once(d
     [(key, reason, rows, attempts, error)] = await fetch(dsn, SKIPPED)
     assert (key, reason, rows, attempts) == ("aa", "no_unique_value_fits", 149, 1)
     assert "8 characters" in error
-    conn = await asyncpg.connect(dsn)
-    try:
-        assert await check_audit(conn, before) == 2
-    finally:
-        await conn.close()
+    assert await check_audit_of(dsn, before) == 2
 
 
 # --- 2. skipped groups are on record, and the resume retries them ---------------------------
@@ -115,11 +111,7 @@ async def test_group_skipped_before_an_interruption_is_retried_by_the_resume(dsn
     assert resumed.skipped_groups == 0
     assert await fetch(dsn, SKIPPED) == []
     assert await duplicate_groups(dsn) == {}
-    conn = await asyncpg.connect(dsn)
-    try:
-        assert await check_audit(conn, before) == 200
-    finally:
-        await conn.close()
+    assert await check_audit_of(dsn, before) == 200
 
 
 async def test_runs_and_status_show_the_skipped_groups(dsn: str) -> None:
