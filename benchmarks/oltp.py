@@ -40,6 +40,8 @@ class OltpConfig:
     drain_seconds: float = 600.0
     table: str = "payments"
     seed: int = 1
+    # A key the lookups never use (see PgbenchConfig.exclude_key).
+    exclude_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.rate <= 0 or self.connections < 1:
@@ -99,12 +101,14 @@ async def _sample_keys(
     table: str,
     max_id: int,
     rng: random.Random,
+    exclude: str | None = None,
 ) -> list[str]:
     ids = [rng.randint(1, max_id) for _ in range(_LOOKUP_KEYS)]
     rows = await conn.fetch(
         f"SELECT transaction_id FROM {table} WHERE id = ANY($1::bigint[]) "
-        "AND transaction_id IS NOT NULL",
+        "AND transaction_id IS NOT NULL AND transaction_id IS DISTINCT FROM $2::text",
         ids,
+        exclude,
     )
     return [r["transaction_id"] for r in rows] or ["none"]
 
@@ -135,7 +139,7 @@ async def run_load(
     )
     try:
         async with pool.acquire() as conn:
-            keys = await _sample_keys(conn, table, max(1, max_id), rng)
+            keys = await _sample_keys(conn, table, max(1, max_id), rng, cfg.exclude_key)
             update = f"UPDATE {table} SET status = $2, amount = $3 WHERE id = $1"
             insert = (
                 f"INSERT INTO {table} (transaction_id, amount, currency, status, created_at, "

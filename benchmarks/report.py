@@ -1,6 +1,6 @@
 """Turns a benchmark run's results into the issues' targets (PASS/FAIL), a markdown summary and
 PNG plots (throughput vs concurrency; OLTP latency over time per method; the impact frontier,
-whose section and floors live in ``impact.py``)."""
+whose section and floors live in ``impact.py``; the giant-group part's in ``giant.py``)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,11 @@ def _find(results: dict[str, Any], rows: int, pred: Any) -> dict[str, Any] | Non
 
 def _matrix(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in results["methods"] if r.get("part", "matrix") == "matrix"]
+
+
+def _standard_datasets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The data sets of the matrix and impact parts (the giant part's have other shapes)."""
+    return [ds for ds in results["datasets"] if ds.get("shape", "standard") == "standard"]
 
 
 def _defaults(results: dict[str, Any], rows: int) -> dict[str, Any] | None:
@@ -230,9 +235,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     elif sizes:
         add("time grows linearly with table size", None, "one table size (run --full)")
         add("peak RSS the same at 1M and 5M rows", None, "one table size (run --full)")
-    from benchmarks import impact  # impact.py formats with this module's helpers
+    from benchmarks import giant, impact  # they format with this module's helpers
 
-    return out + impact.targets(results)
+    return out + impact.targets(results) + giant.targets(results)
 
 
 def _shown(out: list[dict[str, Any]], name: str, detail: str) -> None:
@@ -351,7 +356,7 @@ def markdown(results: dict[str, Any]) -> str:
             "- Every bulkdedupe run also had `" + " ".join(extra) + '` (so "defaults" below '
             "means the default concurrency and batch size with these options)."
         )
-    for ds in results["datasets"]:
+    for ds in _standard_datasets(results):
         s = ds["stats"]
         lines += [
             "",
@@ -431,7 +436,7 @@ def markdown(results: dict[str, Any]) -> str:
                         for q in r["statements"][:6]
                     ],
                 )
-    sizes = [ds["spec"]["rows"] for ds in results["datasets"]]
+    sizes = [ds["spec"]["rows"] for ds in _standard_datasets(results)]
     if len(sizes) > 1:
         lines += ["", "## Scaling", ""]
         header = ["method", *[f"{_size(n)} s" for n in sizes]]
@@ -451,10 +456,11 @@ def markdown(results: dict[str, Any]) -> str:
                 + [_f(x, 0) for x in rss]
             )
         lines += _table(header, body)
-    from benchmarks import impact  # impact.py formats with this module's helpers
+    from benchmarks import giant, impact  # they format with this module's helpers
 
     lines += impact.markdown(results)
-    lines += ["", "## Targets (issues 3 and 10)", "", "```"]
+    lines += giant.markdown(results)
+    lines += ["", "## Targets (issues 3, 10 and 12)", "", "```"]
     lines += [f"{t['status']:<8} {t['target']}: {t['detail']}" for t in results["targets"]]
     lines += ["```"]
     others = [name for name in results.get("plots", []) if not impact.is_frontier(name)]
@@ -496,7 +502,7 @@ def plots(results: dict[str, Any], stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    sizes = [ds["spec"]["rows"] for ds in results["datasets"]]
+    sizes = [ds["spec"]["rows"] for ds in _standard_datasets(results)]
 
     # Throughput vs concurrency, one line per batch size, at the size with most configurations.
     def configs(n: int) -> int:

@@ -3,14 +3,19 @@ production impact measured by a concurrent OLTP load (pgbench). Writes JSON, mar
 
     python -m benchmarks.run --quick|--full [-d DSN] [--rows N ...] [--configs c4b1000,...]
     python -m benchmarks.run --impact [--quick] [--rows 2000000] [--max-rates 1000,2000,...]
+    python -m benchmarks.run --giant [--quick|--full] [--giant-rows 1000000] [--junk-fraction 0.2]
 
-Two parts. The matrix: the engine's speed (``--max-impact off``) over concurrency x batch size
+Three parts. The matrix: the engine's speed (``--max-impact off``) over concurrency x batch size
 and table sizes, against the one-statement UPDATE, a batched floor and a per-row script. The
 impact part (issue 10): what the application feels, at 2M rows, for the one-statement UPDATE,
 ``--max-impact off``, the default governor, ``--max-impact 1.5`` and a sweep of fixed
 ``--max-rate`` values, each with pgbench measured alone right before it; the frontier of time
-against the p99 ratio is plotted. ``--quick``/``--full`` run both parts (``--no-impact``: the
-matrix only); ``--impact`` the impact part only.
+against the p99 ratio is plotted. The giant-group part (issue 12): a junk value shared by 20 % of
+the rows (one group) renamed by ``--max-impact off``, against the same number of renames spread as
+pairs on a table of the same size and against the one-statement UPDATE on the junk data; its
+floors are the group's rows/s over the pairs' and the tool's peak RSS. ``--quick``/``--full`` run
+all three parts (``--no-impact``, ``--no-giant`` leave one out); ``--impact`` or ``--giant`` run
+that part only.
 
 Each table size is generated once into a template database; before every method a work database
 is cloned from it (``CREATE DATABASE ... TEMPLATE``), vacuumed, analyzed and checkpointed, so all
@@ -81,6 +86,18 @@ GOVERNOR_DEFAULT: Final = "3"
 # Each tool run of the impact part stops itself (--max-runtime) after this: a slow pace is
 # measured by its rate, its full time extrapolated.
 IMPACT_MAX_SECONDS: Final = 240.0
+# The giant-group part (issue 12): table sizes, each with one junk-value group holding
+# JUNK_FRACTION of its rows. --giant alone: the floor's 200k group (20 % of 1M rows); --full adds
+# a 1M group (20 % of 5M rows); --quick a 20k group.
+JUNK_FRACTION: Final = 0.2
+JUNK_VALUE: Final = generator.DEFAULT_JUNK_VALUE
+GIANT_ROWS: Final = (1_000_000,)
+GIANT_FULL_ROWS: Final = (1_000_000, 5_000_000)
+GIANT_QUICK_ROWS: Final = (100_000,)
+# Each of its tool runs stops itself after this (a quadratic engine would take hours); the
+# quick suite's is short, so a slow engine cannot make `make bench` long.
+GIANT_MAX_SECONDS: Final = 900.0
+GIANT_QUICK_MAX_SECONDS: Final = 30.0
 # Server settings worth knowing when reading the numbers.
 SETTINGS: Final = (
     "server_version",
@@ -138,7 +155,10 @@ class Method:
     batch_size: int | None = None
     # The idle baseline runs first and last: the noise of a shared machine shows in the gap.
     after: bool = False
-    part: str = "matrix"  # "matrix" | "impact"
+    part: str = "matrix"  # "matrix" | "impact" | "giant"
+    # The data set: the standard layout (DUP_FRACTION, mostly pairs), or the giant part's
+    # "junk" (one junk-value group, every other key unique) or "pairs" (its renames as pairs).
+    shape: str = "standard"
     max_rate: float | None = None
     # `--max-impact`: "off", a ratio, or None for the tool's default (the governor). The
     # matrix measures the engine's own speed: off.
@@ -150,6 +170,9 @@ class Method:
             return "idle (after)" if self.after else "idle"
         if self.kind == "batched":
             return f"batched floor c{self.concurrency} b{self.batch_size}"
+        if self.part == "giant":
+            data = {"junk": "one junk-value group", "pairs": "the same renames as pairs"}
+            return f"{self.kind}, {data[self.shape]}"
         if self.kind != "bulkdedupe":
             return self.kind
         if self.part == "impact":
@@ -196,6 +219,11 @@ class Suite:
     # The impact part: the load alone this long right before each method, on its fresh table.
     alone_seconds: float = 10.0
     impact_max_seconds: float = IMPACT_MAX_SECONDS
+    # The giant-group part: the junk value, the share of the rows it holds, each tool run's
+    # --max-runtime.
+    junk_fraction: float = JUNK_FRACTION
+    junk_value: str = JUNK_VALUE
+    giant_max_seconds: float = GIANT_MAX_SECONDS
     bulkdedupe_args: tuple[str, ...] = ()
     statements: bool = False
     # Each method (not the idle baseline) this many times, each on fresh data; the median
@@ -237,19 +265,49 @@ def impact_methods(*, full: bool, rates: Sequence[float]) -> list[Method]:
     return methods
 
 
+def giant_methods() -> list[Method]:
+    """The giant-group part, per table size: the one-statement UPDATE and the tool on the junk
+    data, then the tool on the same renames as pairs; the tool at its defaults, full speed."""
+    return [
+        Method(kind="one-statement", part="giant", shape="junk"),
+        Method(kind="bulkdedupe", part="giant", shape="junk"),
+        Method(kind="bulkdedupe", part="giant", shape="pairs"),
+    ]
+
+
+def _giant_sizes(args: argparse.Namespace) -> tuple[int, ...]:
+    if args.giant_rows:
+        return tuple(args.giant_rows)
+    if args.full:
+        return GIANT_FULL_ROWS
+    # --giant alone: the issue's floor; otherwise (--quick, the default) the quick variant.
+    return GIANT_ROWS if args.giant and not args.quick else GIANT_QUICK_ROWS
+
+
 def build_suite(args: argparse.Namespace) -> Suite:
     full = args.full or (args.impact and not args.quick)
     plans: list[tuple[int, tuple[Method, ...]]] = []
-    if not args.impact:
+    if not args.impact and not args.giant:
         plans += _matrix_plans(args)
-    if not args.no_impact:
+    if not args.no_impact and not args.giant:
         rates = args.max_rates or (IMPACT_RATES if full else QUICK_IMPACT_RATES)
         methods = tuple(impact_methods(full=full, rates=rates))
         sizes = tuple(args.rows) if args.impact and args.rows else (IMPACT_ROWS,)
         plans += [(rows, methods) for rows in sizes]
+    giant_sizes = _giant_sizes(args)
+    if not args.no_giant and not args.impact:
+        plans += [(rows, tuple(giant_methods())) for rows in giant_sizes]
+    giant_max_seconds = args.giant_max_seconds
+    if giant_max_seconds is None:
+        quick = all(rows <= GIANT_QUICK_ROWS[-1] for rows in giant_sizes)
+        giant_max_seconds = GIANT_QUICK_MAX_SECONDS if quick else GIANT_MAX_SECONDS
     name = "full" if args.full else ("custom" if args.rows or args.configs else "quick")
     if args.impact:
         name = "impact" if full else "impact (quick)"
+    if args.giant:
+        name = "giant (custom)" if args.giant_rows else "giant"
+        if not args.giant_rows and (args.full or args.quick):
+            name += " (full)" if args.full else " (quick)"
     if args.load == "python":
         load: OltpConfig | PgbenchConfig = OltpConfig(
             rate=args.oltp_rate or 60.0, connections=args.oltp_connections or 8
@@ -272,6 +330,9 @@ def build_suite(args: argparse.Namespace) -> Suite:
         oltp=load,
         alone_seconds=args.alone_seconds,
         impact_max_seconds=args.impact_max_seconds,
+        junk_fraction=args.junk_fraction,
+        junk_value=args.junk_value,
+        giant_max_seconds=giant_max_seconds,
         bulkdedupe_args=tuple(args.bulkdedupe_arg),
         statements=args.statements,
         repeat=args.repeat,
@@ -347,15 +408,42 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _spec_for(suite: Suite, rows: int) -> GenSpec:
+def _spec_for(suite: Suite, rows: int, shape: str = "standard") -> GenSpec:
+    """The data set of ``shape`` at ``rows``: the standard layout; "junk", one junk-value group
+    of ``junk_fraction`` of the rows, every other key unique; "pairs", as many renames as the
+    junk group's, all in pairs."""
+    if shape == "junk":
+        return GenSpec(
+            rows=rows,
+            dup_fraction=0.0,
+            junk_fraction=suite.junk_fraction,
+            junk_value=suite.junk_value,
+            seed=suite.seed,
+            table=TABLE,
+        )
+    if shape == "pairs":
+        renames = max(0, round(suite.junk_fraction * rows) - 1)
+        return GenSpec(
+            rows=rows,
+            dup_fraction=renames / rows if rows else 0.0,
+            big_groups=0,
+            tail_fraction=0.0,
+            seed=suite.seed,
+            table=TABLE,
+        )
     return GenSpec(rows=rows, dup_fraction=suite.dup_fraction, seed=suite.seed, table=TABLE)
 
 
-def _template_name(prefix: str, spec: GenSpec) -> str:
+def _template_tag(shape: str) -> str:
+    """Part of a template's name: data sets of one size but different shapes coexist."""
+    return "" if shape == "standard" else f"{shape}_"
+
+
+def _template_name(prefix: str, spec: GenSpec, shape: str = "standard") -> str:
     # The generator's source is part of the key: a changed generator must not reuse old data.
     h = hashlib.sha256(json.dumps(dataclasses.asdict(spec), sort_keys=True).encode())
     h.update(Path(generator.__file__).read_bytes())
-    return f"{prefix}_tpl_{spec.rows}_{h.hexdigest()[:8]}"
+    return f"{prefix}_tpl_{_template_tag(shape)}{spec.rows}_{h.hexdigest()[:8]}"
 
 
 # The (id, key) pairs of the original rows, summed as 64-bit hashes: order-independent and
@@ -427,9 +515,11 @@ class Server:
     def work_db(self) -> str:
         return f"{self.prefix}_work"
 
-    async def template(self, spec: GenSpec, *, fresh: bool) -> dict[str, Any]:
+    async def template(
+        self, spec: GenSpec, *, fresh: bool, shape: str = "standard"
+    ) -> dict[str, Any]:
         """Generate ``spec`` into its template database, or reuse it; return what is expected."""
-        name = _template_name(self.prefix, spec)
+        name = _template_name(self.prefix, spec, shape)
         async with self.admin() as admin:
             comment = await admin.fetchval(
                 "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
@@ -444,7 +534,7 @@ class Server:
             # Templates of this size from an older generator or spec would only take space.
             stale = await admin.fetch(
                 "SELECT datname FROM pg_database WHERE datname ~ $1",
-                f"^{self.prefix}_tpl_{spec.rows}_[0-9a-f]{{8}}$",
+                f"^{self.prefix}_tpl_{_template_tag(shape)}{spec.rows}_[0-9a-f]{{8}}$",
             )
             for old in {r["datname"] for r in stale} | {name}:
                 await admin.execute(f"DROP DATABASE IF EXISTS {quote_ident(old)} WITH (FORCE)")
@@ -630,9 +720,21 @@ def _argv(method: Method, dsn: str, suite: Suite, options: dict[str, Any]) -> li
     budget = max_impact_arg(method, options)
     if budget is not None and options["max_impact"]:
         argv += ["--max-impact", budget]
-    if method.part == "impact":
-        argv += ["--max-runtime", f"{suite.impact_max_seconds:g}s"]
+    if method.part in ("impact", "giant"):
+        argv += ["--max-runtime", f"{max_seconds(method, suite):g}s"]
     return argv + list(suite.bulkdedupe_args)
+
+
+def max_seconds(method: Method, suite: Suite) -> float:
+    """The `--max-runtime` of a tool run of the impact or giant part."""
+    return suite.giant_max_seconds if method.part == "giant" else suite.impact_max_seconds
+
+
+def load_for(method: Method, suite: Suite) -> OltpConfig | PgbenchConfig:
+    """The load beside ``method``: the suite's; in the giant part, never the junk value."""
+    if method.part == "giant":
+        return dataclasses.replace(suite.oltp, exclude_key=suite.junk_value)
+    return suite.oltp
 
 
 def max_impact_arg(method: Method, options: dict[str, Any]) -> str | None:
@@ -847,17 +949,23 @@ class Observed:
 
 
 async def observe(
-    dsn: str, suite: Suite, max_id: int, body: Callable[[], Awaitable[None]], lead_in: float
+    dsn: str,
+    suite: Suite,
+    max_id: int,
+    body: Callable[[], Awaitable[None]],
+    lead_in: float,
+    load_cfg: OltpConfig | PgbenchConfig | None = None,
 ) -> Observed:
-    """Run ``body`` under the OLTP load (started ``lead_in`` seconds before it and stopped
-    ``lead_in_seconds`` after), sampling session activity and measuring the WAL written."""
+    """Run ``body`` under the OLTP load (``load_cfg``, by default the suite's; started
+    ``lead_in`` seconds before it and stopped ``lead_in_seconds`` after), sampling session
+    activity and measuring the WAL written."""
     stop, ready, sampled = anyio.Event(), anyio.Event(), anyio.Event()
     origin = time.monotonic()
     load: list[OltpResult] = []
     activity: list[dict[str, dict[str, int]]] = []
 
     async def run_oltp() -> None:
-        cfg = suite.oltp
+        cfg = suite.oltp if load_cfg is None else load_cfg
         if isinstance(cfg, PgbenchConfig):
             seen = await pgbench.run_load(dsn, cfg, stop, max_id=max_id, origin=origin, ready=ready)
         else:
@@ -941,6 +1049,8 @@ async def measure(
         "label": method.label,
         "rows": rows,
         "part": method.part,
+        "shape": method.shape,
+        "largest_group": meta["stats"]["largest_group"],
         "role": method.role,
         "concurrency": method.concurrency,
         "batch_size": method.batch_size,
@@ -964,7 +1074,9 @@ async def measure(
     dsn = server.dsn(server.work_db)
     children: list[Child] = []
     impact = method.part == "impact"
-    timeout = suite.impact_max_seconds + 120 if impact else METHOD_TIMEOUT
+    # Tool runs that stop themselves (--max-runtime): measured by their rate if they do.
+    limited = method.part in ("impact", "giant")
+    timeout = max_seconds(method, suite) + 120 if limited else METHOD_TIMEOUT
 
     async def body() -> None:
         log(f"{rows:,} rows: running {method.label} ...")
@@ -976,7 +1088,7 @@ async def measure(
 
     statements = suite.statements and await reset_statements(dsn)
     lead_in = suite.alone_seconds if impact else suite.lead_in_seconds
-    seen = await observe(dsn, suite, meta["max_id"], body, lead_in)
+    seen = await observe(dsn, suite, meta["max_id"], body, lead_in, load_for(method, suite))
     record |= {
         "restore_s": round(restore_s, 2),
         "window_s": [round(seen.start, 3), round(seen.end, 3)],
@@ -1002,8 +1114,9 @@ async def measure(
     record["process_cpu_s"] = round(child.cpu_s, 2)
     record["returncode"] = child.returncode
     out = _last_json(child.stdout)
-    # The impact part's own --max-runtime: a clean stop (exit 130), measured by its rate.
-    stopped = impact and out is not None and out.get("status") == "interrupted"
+    # The impact or giant part's own --max-runtime: a clean stop (exit 130), measured by its
+    # rate.
+    stopped = limited and out is not None and out.get("status") == "interrupted"
     if out is None or (child.returncode != 0 and not stopped):
         record["error"] = (child.stderr.strip() or child.stdout.strip())[-2000:]
         log(f"{method.label} failed (exit {child.returncode}): {record['error'][-300:]}")
@@ -1019,7 +1132,7 @@ async def measure(
         record["extrapolated"] = True
         record["estimated_duration_s"] = record["duration_s"] * expected / record["rows_renamed"]
         record["notes"].append(
-            f"stopped by --max-runtime {suite.impact_max_seconds:g}s after "
+            f"stopped by --max-runtime {max_seconds(method, suite):g}s after "
             f"{record['rows_renamed']:,} of {expected:,} renames; full time extrapolated"
         )
     inserts = sum(1 for x in seen.oltp.samples if x.kind == "insert" and not x.error)
@@ -1056,14 +1169,15 @@ def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def derive(records: list[dict[str, Any]]) -> None:
     """Figures that need the other methods of the same size and part: ratios, rates, WAL per
     row; and each method's load p99 over the load's alone right before it."""
-    by_size: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    by_size: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
     for r in records:
-        by_size.setdefault((r.get("part", "matrix"), r["rows"]), []).append(r)
+        key = (r.get("part", "matrix"), r["rows"], r.get("shape", "standard"))
+        by_size.setdefault(key, []).append(r)
     for r in records:
         alone, during = r.get("oltp_alone"), r.get("oltp")
         if alone and during and alone["p99_ms"] > 0:
             r["oltp_p99_ratio"] = round(during["p99_ms"] / alone["p99_ms"], 2)
-    for (part, _), group in by_size.items():
+    for (part, _, _), group in by_size.items():
         # One stall in a 10 s baseline moves its p99 several-fold (a shared machine's hiccup):
         # the median of the part's baselines is the steadier reference, shown beside.
         alones = sorted(r["oltp_alone"]["p99_ms"] for r in group if "oltp_p99_ratio" in r)
@@ -1094,9 +1208,9 @@ def derive(records: list[dict[str, Any]]) -> None:
                 else None
             )
             # The OLTP load writes WAL too: take off what it wrote per second on the idle table
-            # (the impact part: alone, right before the method).
+            # (the impact and giant parts: alone, right before the method).
             wal_per_s = idle_wal_per_s
-            if r.get("part") == "impact":
+            if r.get("part") in ("impact", "giant"):
                 alone_s = r["alone_window_s"][1] - r["alone_window_s"][0]
                 wal_per_s = r["alone_wal_bytes"] / alone_s if alone_s > 0 else 0.0
             oltp_wal = wal_per_s * (r["window_s"][1] - r["window_s"][0])
@@ -1140,6 +1254,11 @@ async def run_suite(suite: Suite, server: Server, *, fresh: bool = False) -> dic
             "load": load_info(suite.oltp),
             "alone_seconds": suite.alone_seconds,
             "impact_max_seconds": suite.impact_max_seconds,
+            "giant": {
+                "junk_fraction": suite.junk_fraction,
+                "junk_value": suite.junk_value,
+                "max_seconds": suite.giant_max_seconds,
+            },
             "tool_options": options,
             "bulkdedupe_defaults": {
                 "concurrency": DEFAULT_CONCURRENCY,
@@ -1151,11 +1270,18 @@ async def run_suite(suite: Suite, server: Server, *, fresh: bool = False) -> dic
         "methods": [],
     }
     began = time.monotonic()
+    # One template per (size, shape), generated (or reused) when its first method needs it.
+    metas: dict[tuple[int, str], dict[str, Any]] = {}
     for rows, methods in suite.plans:
-        meta = await server.template(_spec_for(suite, rows), fresh=fresh)
-        if meta["template"] not in {d["template"] for d in results["datasets"]}:
-            results["datasets"].append(meta)
         for method in methods:
+            if (rows, method.shape) not in metas:
+                spec = _spec_for(suite, rows, method.shape)
+                meta = await server.template(spec, fresh=fresh, shape=method.shape)
+                meta["shape"] = method.shape
+                metas[rows, method.shape] = meta
+                if meta["template"] not in {d["template"] for d in results["datasets"]}:
+                    results["datasets"].append(meta)
+            meta = metas[rows, method.shape]
             once = method.kind == "idle" or unavailable(method, options) is not None
             runs = [
                 await measure(server, suite, method, meta, info["version_num"], options)
@@ -1245,7 +1371,41 @@ def parser() -> argparse.ArgumentParser:
         help=f"only the impact part (the whole sweep unless --quick), at --rows "
         f"[default: {IMPACT_ROWS:,}]",
     )
-    part.add_argument("--no-impact", action="store_true", help="only the matrix part")
+    part.add_argument(
+        "--giant",
+        action="store_true",
+        help="only the giant-group part (issue 12) [default sizes: "
+        f"{', '.join(f'{n:,}' for n in GIANT_ROWS)}; --quick: "
+        f"{', '.join(f'{n:,}' for n in GIANT_QUICK_ROWS)}; --full: "
+        f"{', '.join(f'{n:,}' for n in GIANT_FULL_ROWS)}]",
+    )
+    part.add_argument("--no-impact", action="store_true", help="leave out the impact part")
+    p.add_argument("--no-giant", action="store_true", help="leave out the giant-group part")
+    p.add_argument(
+        "--giant-rows",
+        type=int,
+        action="append",
+        help="giant-group part: table size(s), repeatable; the group holds --junk-fraction",
+    )
+    p.add_argument(
+        "--junk-fraction",
+        type=float,
+        default=JUNK_FRACTION,
+        help="giant-group part: the share of the rows holding the junk value (< 0.5: the "
+        "pairs data set needs a partner for each rename) [default: %(default)s]",
+    )
+    p.add_argument(
+        "--junk-value",
+        default=JUNK_VALUE,
+        help="giant-group part: the junk value [default: '' (empty string)]",
+    )
+    p.add_argument(
+        "--giant-max-seconds",
+        type=float,
+        default=None,
+        help="giant-group part: each tool run stops itself (--max-runtime) after this "
+        f"[default: {GIANT_MAX_SECONDS:g}; quick sizes: {GIANT_QUICK_MAX_SECONDS:g}]",
+    )
     p.add_argument(
         "--max-rates",
         type=parse_rates,
@@ -1371,6 +1531,12 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--db-prefix: lower-case letters, digits and _ only (at most 31)")
     if args.repeat < 1:
         parser().error("--repeat must be at least 1")
+    if args.giant and args.no_giant:
+        parser().error("--giant and --no-giant: choose one")
+    if not 0 < args.junk_fraction < 0.5:
+        parser().error("--junk-fraction must be in (0, 0.5)")
+    if args.giant_rows and min(args.giant_rows) < 10:
+        parser().error("--giant-rows must be at least 10")
     if args.per_row_max_seconds is None:
         args.per_row_max_seconds = 60.0 if args.full else 20.0
     if args.report is not None:

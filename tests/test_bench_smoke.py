@@ -17,9 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks.baselines import extrapolate, per_row
+from benchmarks.generate import GenSpec, generate, plan
 from benchmarks.oltp import KINDS, OltpResult
 from benchmarks.pgbench import PgbenchConfig, find_pgbench, run_load
-from benchmarks.run import Suite, _argv, impact_methods, unavailable
+from benchmarks.run import Suite, _argv, _spec_for, impact_methods, parser, unavailable
 from tests.helpers import REPO_ROOT, create_payments, sync
 
 pytestmark = pytest.mark.slow
@@ -50,12 +51,12 @@ def test_bench_harness_end_to_end(dsn: str, tmp_path: Path) -> None:
         "--db-prefix": prefix,
     }
     argv = [sys.executable, "-m", "benchmarks.run", "-d", dsn, "--drop-templates", "--no-impact"]
-    argv += [part for pair in options.items() for part in pair]
+    argv += ["--no-giant", *(part for pair in options.items() for part in pair)]
     proc = subprocess.run(
         argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=100, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "## Targets (issues 3 and 10)" in proc.stdout
+    assert "## Targets (issues 3, 10 and 12)" in proc.stdout
 
     (result_file,) = tmp_path.glob("*.json")
     results = json.loads(result_file.read_text())
@@ -119,6 +120,109 @@ def test_bench_harness_end_to_end(dsn: str, tmp_path: Path) -> None:
     assert len(results["plots"]) == 2
     # The harness drops the databases it made.
     assert asyncio.run(_databases(dsn, prefix)) == []
+
+
+@pytest.mark.timeout(150)
+def test_bench_giant_group_part_end_to_end(dsn: str, tmp_path: Path) -> None:
+    """Issue 12's part on a tiny table: a 1,000-row junk group (20 % of 5,000 rows) renamed by
+    the tool, the same renames as pairs, the one-statement UPDATE on the junk data; the ratio
+    and the RSS judged and printed."""
+    prefix = f"smoke_{uuid.uuid4().hex[:10]}"
+    argv = [sys.executable, "-m", "benchmarks.run", "-d", dsn, "--drop-templates", "--giant"]
+    argv += ["--giant-rows", "5000", "--junk-value", "N/A", "--lead-in-seconds", "0.3"]
+    argv += ["--oltp-rate", "40", "--results-dir", str(tmp_path), "--db-prefix", prefix]
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=130, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## Giant groups: one junk value in 20% of 5,000 rows" in proc.stdout
+
+    (result_file,) = tmp_path.glob("*.json")
+    results = json.loads(result_file.read_text())
+    assert results["suite"] == "giant (custom)"
+    assert results["parameters"]["giant"]["junk_value"] == "N/A"
+    shapes = {ds["shape"]: ds["stats"] for ds in results["datasets"]}
+    assert set(shapes) == {"junk", "pairs"}
+    assert shapes["junk"]["largest_group"] == 1000
+    assert shapes["junk"]["duplicate_groups"] == 1
+    assert shapes["pairs"]["largest_group"] == 2
+    assert shapes["junk"]["rows_to_rename"] == shapes["pairs"]["rows_to_rename"] == 999
+
+    by = {(r["method"], r["shape"]): r for r in results["methods"]}
+    assert set(by) == {("one-statement", "junk"), ("bulkdedupe", "junk"), ("bulkdedupe", "pairs")}
+    for key, r in by.items():
+        assert r["part"] == "giant"
+        assert r["correctness"]["passed"], (key, r["correctness"], r.get("error"))
+        assert r["rows_per_s"] > 0
+        assert r["peak_rss_bytes"] > 10 * 1024 * 1024
+        # The load never touched the junk value: all it inserted are other keys' duplicates.
+        assert r["correctness"]["load_inserts_committed"] > 0
+    giant = by["bulkdedupe", "junk"]
+    assert giant["rows_renamed"] - giant["correctness"]["load_rows_renamed"] == 999
+    assert giant["time_vs_one_statement"] is not None
+    assert by["bulkdedupe", "pairs"]["time_vs_one_statement"] is None
+
+    targets = {t["target"]: t for t in results["targets"]}
+    speed = targets[
+        "1k group (20% of 5k rows): rows/s >= 50% of the same renames as pairs (--max-impact off)"
+    ]
+    assert speed["status"] in ("PASS", "FAIL")
+    ratio = giant["rows_per_s"] / by["bulkdedupe", "pairs"]["rows_per_s"]
+    assert f"{ratio:.2f}x" in speed["detail"]
+    rss = targets["1k group (20% of 5k rows): peak RSS of the tool <= 200 MB"]
+    assert rss["status"] == "PASS"
+    assert results["targets"][0]["status"] == "PASS"  # every method left the expected table
+    assert "Floors: the group at >= 50% of the pairs' rows/s" in proc.stdout
+    assert asyncio.run(_databases(dsn, prefix)) == []
+
+
+def test_giant_part_is_in_the_suites_and_its_data_sets_match() -> None:
+    """`make bench` (--quick) has the quick giant variant, `make bench-full` the issue's two
+    sizes; the pairs data set has exactly the junk group's number of renames, all in pairs."""
+    from benchmarks.run import GIANT_FULL_ROWS, GIANT_QUICK_ROWS, GIANT_ROWS, build_suite
+
+    def giant_sizes(*argv: str) -> list[int]:
+        suite = build_suite(parser().parse_args(list(argv)))
+        return [rows for rows, methods in suite.plans if methods[0].part == "giant"]
+
+    assert giant_sizes("--quick") == list(GIANT_QUICK_ROWS)
+    assert giant_sizes("--full") == list(GIANT_FULL_ROWS) == [1_000_000, 5_000_000]
+    assert giant_sizes("--giant") == list(GIANT_ROWS) == [1_000_000]
+    assert giant_sizes("--quick", "--no-giant") == []
+    assert giant_sizes("--impact") == []
+    full = build_suite(parser().parse_args(["--full"]))
+    assert full.giant_max_seconds > build_suite(parser().parse_args([])).giant_max_seconds
+    suite = Suite(name="t", plans=())
+    for rows in (5_000, 1_000_000, 5_000_000):
+        junk, pairs = plan(_spec_for(suite, rows, "junk")), plan(_spec_for(suite, rows, "pairs"))
+        assert junk.duplicate_groups == 1
+        assert junk.segments[0].junk
+        assert junk.segments[0].size == rows // 5
+        assert pairs.rows_to_rename == junk.rows_to_rename == rows // 5 - 1
+        assert {s.size for s in pairs.segments} == {1, 2}
+
+
+@pytest.mark.anyio
+async def test_generate_a_junk_group_on_top_of_the_usual_duplicates(dsn: str) -> None:
+    spec = GenSpec(rows=4_000, junk_fraction=0.25, junk_value="it's junk", payload_width=0)
+    stats = await generate(dsn, spec)
+    layout = plan(spec)
+    assert stats.rows_to_rename == layout.rows_to_rename == 999 + round(0.05 * 4_000)
+    assert stats.largest_group == 1_000
+    conn = await asyncpg.connect(dsn)
+    try:
+        junk = await conn.fetchrow(
+            "SELECT count(*) AS n, count(DISTINCT amount) AS amounts, min(id) AS lo, "
+            "max(id) AS hi FROM payments WHERE transaction_id = 'it''s junk'"
+        )
+    finally:
+        await conn.close()
+    assert junk is not None
+    assert junk["n"] == 1_000
+    # Unrelated payments that share a junk key, scattered over the heap.
+    assert junk["amounts"] > 900
+    assert junk["lo"] < 200
+    assert junk["hi"] > 3_800
 
 
 async def _pgbench_for(dsn: str, seconds: float, max_id: int) -> OltpResult:
