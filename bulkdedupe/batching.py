@@ -34,6 +34,7 @@ class BatchSizer:
     seconds_per_row: float | None = None
     deviation: float = 0.0
     cap: int | None = None  # the impact governor's limit, below `maximum` (None: none)
+    # (`maximum`, `minimum` and `cap` are set by the run's Pace, pace.py, and by nothing else)
 
     def __post_init__(self) -> None:
         self.minimum = max(1, min(self.minimum, self.maximum))
@@ -67,6 +68,14 @@ class BatchSizer:
         if self.target is not None:
             self.size = self._clamp(self.size / 2)
 
+    def set_ceiling(self, maximum: int, minimum: int) -> None:
+        """A new ceiling and the floor under it (a live `set`, the lock budget at a new
+        concurrency): fixed batches take it at once; adaptive ones keep their size under it,
+        never raised to it."""
+        self.maximum = maximum
+        self.minimum = max(1, min(minimum, maximum))
+        self.size = self._clamp(self.maximum if self.target is None else self.size)
+
     def set_cap(self, cap: int | None) -> None:
         """The impact governor's batch limit (small batches at a slow pace: the application's
         commits wait behind each batch's commit). Takes effect on the next batch."""
@@ -90,8 +99,8 @@ LOCKS_PER_ROW = 2
 class LockBudget:
     """The one owner of the batch ceiling the server's lock table allows: all workers together
     hold at most half of its slots, the other half is the application's ("out of shared memory"
-    fails their locks too). Every path that sets a batch size or a concurrency asks it: the
-    start of a run, a live `set`, undo's batches.
+    fails their locks too). The Pace (pace.py) asks it on every path that sets a batch size or a
+    concurrency: the start of a run, a live `set`, undo's batches.
 
     `lock_slots` None: the batches take no locks (a dry run), so there is no ceiling.
     """

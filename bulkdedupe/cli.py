@@ -215,6 +215,18 @@ def batch_transaction_options(f: F) -> F:
     return f
 
 
+def disable_triggers_option(f: F) -> F:
+    """--disable-triggers of `run`, `enforce` (its dedupe step) and `undo`."""
+    return click.option(
+        "--disable-triggers",
+        is_flag=True,
+        help="Each batch in replica mode (SET LOCAL session_replication_role = replica): the "
+        "table's ordinary triggers do not fire for the renames (ENABLE ALWAYS ones do). Needs "
+        "superuser or GRANT SET ON PARAMETER session_replication_role; refused when a foreign "
+        "key involves the key column.",
+    )(f)
+
+
 def throttle_options(f: F) -> F:
     """The guardrails of `run` (all off by default; see docs/production.md)."""
     opts = [
@@ -595,6 +607,7 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
 @click.option(
     "--keep-scan-index", is_flag=True, help="Keep the index built by --create-scan-index."
 )
+@disable_triggers_option
 @throttle_options
 @impact_options
 @scan_options
@@ -617,6 +630,7 @@ def run(
     wal_compression: str,
     create_scan_index: bool,
     keep_scan_index: bool,
+    disable_triggers: bool,
     scan_page_size: int,
     scanners: int,
     fmt: str,
@@ -645,6 +659,7 @@ def run(
         wal_compression=wal_compression,
         create_scan_index=create_scan_index,
         keep_scan_index=keep_scan_index,
+        disable_triggers=disable_triggers,
         throttle=make_throttle(kw),
         impact=make_impact(kw),
         scan=ScanConfig(
@@ -724,6 +739,7 @@ def run(
     show_default=True,
     help="Worker connections when renaming late duplicates.",
 )
+@disable_triggers_option
 @impact_options
 @format_option
 @handle_errors
@@ -736,6 +752,7 @@ def enforce(
     template: str,
     batch_size: int,
     concurrency: int,
+    disable_triggers: bool,
     fmt: str,
     **kw: Any,
 ) -> int:
@@ -753,6 +770,7 @@ def enforce(
             template=template,
             batch_size=batch_size,
             concurrency=concurrency,
+            disable_triggers=disable_triggers,
             impact=make_impact(kw),
         ),
     )
@@ -781,6 +799,7 @@ def enforce(
     help="Most rows restored in one transaction (>= 1).",
 )
 @batch_transaction_options
+@disable_triggers_option
 @impact_options
 @format_option
 @handle_errors
@@ -792,6 +811,7 @@ def undo(
     statement_timeout: float,
     max_retries: int,
     wal_compression: str,
+    disable_triggers: bool,
     fmt: str,
     **kw: Any,
 ) -> int:
@@ -806,6 +826,7 @@ def undo(
         statement_timeout=statement_timeout,
         max_retries=max_retries,
         wal_compression=wal_compression,
+        disable_triggers=disable_triggers,
         impact=make_impact(kw),
     )
     summary = run_async(lambda: undo_run(cfg, ucfg, handle_signals=True))

@@ -426,6 +426,9 @@ class RunConfig:
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
     # auto | server | lz4 | zstd | pglz: how the batches compress their full-page images
     wal_compression: str = DEFAULT_WAL_COMPRESSION
+    # SET LOCAL session_replication_role = replica in each batch: the table's ordinary
+    # triggers do not fire for the renames (needs superuser or GRANT SET ON PARAMETER)
+    disable_triggers: bool = False
     max_retries: int = DEFAULT_MAX_RETRIES
     create_scan_index: bool = False
     keep_scan_index: bool = False
@@ -508,6 +511,7 @@ class UndoConfig:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
     wal_compression: str = DEFAULT_WAL_COMPRESSION
+    disable_triggers: bool = False  # the restores in replica mode, as `run --disable-triggers`
     max_retries: int = DEFAULT_MAX_RETRIES
     sample_size: int = 10
     impact: ImpactConfig = field(default_factory=ImpactConfig)  # paces --apply as `run` does

@@ -18,10 +18,10 @@ import asyncpg
 import structlog
 
 from . import db, errors, sql, state
-from .batching import BatchSizer, LockBudget
 from .config import MAX_CONCURRENCY, ConnectConfig, ThrottleConfig
 from .db import Conn
 from .errors import RunStateError, UsageError
+from .pace import Pace
 from .progress import Stats
 from .results import ControlResult, RunStatus
 from .throttle import Throttle
@@ -88,73 +88,22 @@ def validate_settings(raw: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class Knobs:
-    """The settings of a running run that `set` may change, applied where they act: the batch
-    ceiling on the shared BatchSizer (the batch size, under what the lock budget allows at the
-    concurrency), the concurrency on the workers' CapacityLimiter, the rest on the Throttle."""
+    """The settings of a running run that `set` may change, each handed to its owner: the
+    batch size and the concurrency to the run's Pace (which fits them under the lock budget),
+    the guardrails' limits to the Throttle (which hands --max-rate to the Pace), --max-impact
+    to the governor (which asks the Pace for the pace it decides)."""
 
-    def __init__(
-        self,
-        *,
-        sizer: BatchSizer,
-        budget: LockBudget,
-        limiter: anyio.CapacityLimiter,
-        throttle: Throttle,
-        stats: Stats,
-        batch_size: int,
-        concurrency: int,
-        concurrency_while_scanning: int,
-    ) -> None:
-        self.sizer = sizer
-        self.budget = budget
-        self.limiter = limiter
+    def __init__(self, *, pace: Pace, throttle: Throttle, governor: Governor | None = None) -> None:
+        self.pace = pace
         self.throttle = throttle
-        self.stats = stats
-        self.min_batch_size = sizer.minimum
-        self.batch_size = batch_size  # as asked for; the sizer's ceiling may be lower
-        self.concurrency = concurrency
-        self.concurrency_while_scanning = concurrency_while_scanning
-        self.scanning = True
-        self.governor: Governor | None = None  # set by the pipeline when --max-impact is on
-        self._apply_ceiling()
-        self._apply_limiter()
-
-    def _apply_ceiling(self) -> None:
-        # The operator's concurrency, not the (lower) one while scanning: once the scan is
-        # done that many workers hold their batches' locks at once.
-        ceiling = self.budget.clamp(self.batch_size, self.concurrency)
-        s = self.sizer
-        if ceiling == s.maximum:
-            return
-        if ceiling < self.batch_size:
-            log.warning(
-                "batch ceiling lowered to fit the server's lock table",
-                batch_size=self.batch_size,
-                concurrency=self.concurrency,
-                batch_ceiling=ceiling,
-            )
-        s.maximum = ceiling
-        s.minimum = max(1, min(self.min_batch_size, ceiling))
-        # fixed batches take the new size at once; adaptive ones start under the new ceiling
-        s.size = ceiling if s.target is None else max(s.minimum, min(ceiling, s.size))
-        self.stats.batch_size = s.size
-
-    def _apply_limiter(self) -> None:
-        n = self.concurrency
-        if self.scanning:
-            # renames slow the scan (see pipeline): few workers until it is done
-            n = min(n, self.concurrency_while_scanning)
-        self.limiter.total_tokens = n
-
-    def scan_finished(self) -> None:
-        self.scanning = False
-        self._apply_limiter()
+        self.governor = governor  # None: --max-impact off (no probe runs)
 
     def current(self) -> dict[str, Any]:
         limits = dataclasses.asdict(self.throttle.limits)
         return {
-            "batch_size": self.batch_size,
-            "concurrency": self.concurrency,
-            "concurrency_while_scanning": self.concurrency_while_scanning,
+            "batch_size": self.pace.batch_size,
+            "concurrency": self.pace.concurrency,
+            "concurrency_while_scanning": self.pace.concurrency_while_scanning,
             "max_impact": self.governor.budget if self.governor is not None else None,
         } | {k: limits[k] for k in _THROTTLE_KNOBS}
 
@@ -169,14 +118,11 @@ class Knobs:
         changed = {k: v for k, v in wanted.items() if now[k] != v}
         for k, v in changed.items():
             log.warning("setting changed by operator", setting=k, old=now[k], new=v)
-        if "batch_size" in changed:
-            self.batch_size = changed["batch_size"]
-        if "concurrency" in changed:
-            self.concurrency = changed["concurrency"]
-        if "concurrency_while_scanning" in changed:
-            self.concurrency_while_scanning = changed["concurrency_while_scanning"]
-        self._apply_ceiling()
-        self._apply_limiter()
+        self.pace.change(
+            batch_size=changed.get("batch_size"),
+            concurrency=changed.get("concurrency"),
+            concurrency_while_scanning=changed.get("concurrency_while_scanning"),
+        )
         throttle = {k: v for k, v in changed.items() if k in _THROTTLE_KNOBS}
         if throttle:
             self.throttle.set_limits(dataclasses.replace(self.throttle.limits, **throttle))
@@ -241,6 +187,7 @@ def _eta(stats: Stats, scanning: bool) -> float | None:
 
 def live_snapshot(stats: Stats, knobs: Knobs) -> dict[str, Any]:
     """What the process writes into its runs row (checkpoint.live) for `status`."""
+    pace = knobs.pace
     return {
         "at": datetime.now(UTC).isoformat(),
         "pid": os.getpid(),
@@ -255,12 +202,12 @@ def live_snapshot(stats: Stats, knobs: Knobs) -> dict[str, Any]:
         "retries": stats.retries,
         "rows_per_s": round(stats.rate(), 1),
         # the progress display's ETA (both phases, the current pace), else the run's average
-        "eta_s": None if (eta := _eta(stats, knobs.scanning)) is None else round(eta),
-        "scan_finished": not knobs.scanning,
-        "batch_size": knobs.sizer.size,
-        "batch_ceiling": knobs.sizer.maximum,
-        "concurrency": knobs.concurrency,
-        "workers_now": int(knobs.limiter.total_tokens),
+        "eta_s": None if (eta := _eta(stats, pace.scanning)) is None else round(eta),
+        "scan_finished": not pace.scanning,
+        "batch_size": pace.sizer.size,
+        "batch_ceiling": pace.sizer.maximum,
+        "concurrency": pace.concurrency,
+        "workers_now": int(pace.limiter.total_tokens),
         "throttle": knobs.throttle.snapshot(),
         "impact": knobs.governor.snapshot() if knobs.governor is not None else None,
     }

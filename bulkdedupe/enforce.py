@@ -13,7 +13,7 @@ import anyio
 import asyncpg
 import structlog
 
-from . import catalog, db, errors, pipeline, retry, signals, sql, state
+from . import catalog, db, errors, pipeline, retry, signals, sql, state, triggers
 from .catalog import Target
 from .config import ConnectConfig, EnforceConfig
 from .db import Conn
@@ -354,6 +354,8 @@ async def enforce(
     async with errors.boundary("enforce"), db.connect(cfg) as conn:
         await conn.fetchval(sql.SET_DDL_SESSION)
         target = await _resolve(conn, cfg)
+        if ecfg.dedupe.disable_triggers:  # its dedupe runs' renames: refused before any change
+            await triggers.check_may_disable(conn, target)
         if not await conn.fetchval(sql.ENFORCE_LOCK, target.lock_prefix):
             raise RunStateError(
                 f"another bulkdedupe enforce is running on {target.display}.{target.key}; "

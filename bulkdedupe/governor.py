@@ -9,7 +9,8 @@ the first breach, then gentle up (x1.1) while the probes stay under a dead band,
 (halved; a third when a probe is far over) on a breach, each decision on probes taken at the
 current pace only, and a memory of paces that hurt (growth stays under 90 % of the last one
 for a minute). Batches shrink with the pace: the application's commits wait behind each of
-ours.
+ours. The governor changes nothing itself: it asks the run's Pace (pace.py) for a rate and a
+batch cap, and to hold the run.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import asyncpg
 import structlog
 
 from . import db, sql
-from .batching import BatchSizer
 from .config import ConnectConfig, ImpactConfig
 from .errors import DRIVER_ERRORS
+from .pace import Pace
 from .progress import Stats, percentile
 
 log = structlog.get_logger(__name__)
@@ -180,11 +181,19 @@ class Probes:
 
 
 class Governor:
-    """Runs the probe and the controller for one run; the workers' gate asks it how long to
-    wait (`delay`) and whether it holds the run (`held`, during a planned pause or a stall)."""
+    """Runs the probe and the controller for one run (or undo), and asks `pace` for what the
+    controller decides: a rate and a batch cap, or to hold the run (its baseline, a planned
+    pause, a stalled or failing probe)."""
 
     def __init__(
-        self, cfg: ConnectConfig, impact: ImpactConfig, stats: Stats, run_id: str, state: str
+        self,
+        cfg: ConnectConfig,
+        impact: ImpactConfig,
+        stats: Stats,
+        run_id: str,
+        state: str,
+        *,
+        pace: Pace,
     ) -> None:
         assert impact.max_impact is not None
         self.cfg = cfg
@@ -194,64 +203,27 @@ class Governor:
         self.st = sql.StateSql(state)
         self.controller = Controller(budget=impact.max_impact)
         self.probes = Probes()
-        self.held: str | None = "baseline"  # no rename before the baseline is known
-        self._released = anyio.Event()
+        self.pace = pace
+        pace.hold("baseline")  # no rename before the baseline is known
         self._baseline_ready = anyio.Event()
         self._probe_started: float | None = None
-        self._tokens = 0.0
-        self._at: float | None = None
-        self._spent = 0
         self._idle_from: float | None = None  # probes started after this are idle ones
         self.enabled = True
         self.paced: collections.deque[float] = collections.deque(maxlen=200_000)  # not idle
         self._changed_at = 0.0  # when the pace last changed (or a hold ended)
-        self.sizer: BatchSizer | None = None  # set by the pipeline: the governor caps batches
         self.error: str | None = None
-
-    # --- what the workers' gate asks ---------------------------------------------------
 
     @property
     def rate(self) -> float:
         return self.controller.rate
 
-    def delay(self) -> float:
-        """Seconds until the next batch may start at the governor's pace (renamed rows are
-        paid for after the fact, as the max-rate bucket does)."""
-        if not self.enabled:
-            return 0.0
-        now = anyio.current_time()
-        if self._at is not None:
-            self._tokens = min(0.0, self._tokens + self.rate * (now - self._at))
-        self._at = now
-        renamed = self.stats.renamed
-        self._tokens -= renamed - self._spent
-        self._spent = renamed
-        return -self._tokens / self.rate if self._tokens < 0 else 0.0
-
-    async def wait_released(self) -> None:
-        while self.held is not None:
-            await self._released.wait()
+    @property
+    def held(self) -> str | None:
+        """Why the governor holds the run (None: it does not)."""
+        return self.pace.held
 
     async def wait_baseline(self) -> None:
         await self._baseline_ready.wait()
-
-    async def pace(self, stop: anyio.Event) -> None:
-        """Wait until the next batch may start: while held, then for the pace's delay; in
-        slices, so a stop is obeyed within a second (for loops without a Throttle: undo)."""
-        while not stop.is_set():
-            if self.held is not None:
-                with anyio.move_on_after(1.0):
-                    await self.wait_released()
-                continue
-            delay = self.delay()
-            if delay <= 0:
-                return
-            with anyio.move_on_after(min(delay, 1.0)):
-                await stop.wait()
-
-    def batch_limit(self, size: int) -> int:
-        """`size`, capped at what one batch may hold at the current pace."""
-        return min(size, self.controller.batch_cap()) if self.enabled else size
 
     # --- the loops ----------------------------------------------------------------------
 
@@ -263,7 +235,7 @@ class Governor:
                 tg.start_soon(self._probe_loop, conn)
                 await self._measure_idle(self.impact.baseline, settle=0.0)
                 self._baseline_ready.set()
-                self._cap_batches()
+                self._ask_pace()
                 self._release()
                 tg.start_soon(self._control_loop)
                 if self.impact.remeasure_every is not None:
@@ -298,6 +270,7 @@ class Governor:
                     self._release()
             if ms > STALL_SECONDS * 1000 and self.enabled:
                 self.controller.stalled(done)
+                self._ask_pace()
                 log.warning("impact probe stalled", probe_ms=round(ms, 1))
             self._publish(done)
             await anyio.sleep(max(0.0, self.impact.probe_interval - (done - started)))
@@ -339,6 +312,7 @@ class Governor:
             if started is not None and now - started > STALL_SECONDS:
                 if self.held is None and self.enabled:
                     self.controller.stalled(now)
+                    self._ask_pace()
                     self._hold("probe stalled")
                     log.warning("impact probe stalled; holding the run", waited_s=now - started)
                 continue
@@ -357,7 +331,7 @@ class Governor:
             what = self.controller.step(recent, fast, baseline, now)
             if what in ("up", "down"):
                 self._changed_at = now
-            self._cap_batches()
+            self._ask_pace()
             if what == "down":
                 log.info(
                     "impact over budget: slowing down",
@@ -367,20 +341,21 @@ class Governor:
                     rate_to=round(self.rate),
                 )
 
-    def _cap_batches(self) -> None:
-        if self.sizer is not None:
-            self.sizer.set_cap(self.controller.batch_cap() if self.enabled else None)
+    def _ask_pace(self) -> None:
+        """The controller's pace (renames/s, and the batch cap it implies), or none when off."""
+        if self.enabled:
+            self.pace.govern(self.controller.rate, self.controller.batch_cap())
+        else:
+            self.pace.govern(None)
 
     def _hold(self, why: str) -> None:
-        self.held = why
+        self.pace.hold(why)
         self.stats.held_by = f"governor: {why}"
 
     def _release(self) -> None:
         self._changed_at = anyio.current_time()
-        self.held = None
+        self.pace.release()
         self.stats.held_by = None
-        self._released.set()
-        self._released = anyio.Event()
 
     def _publish(self, now: float) -> None:
         recent = self.probes.recent(now)
@@ -403,7 +378,7 @@ class Governor:
         self.stats.impact_target = ratio
         if not self.enabled and self.held is not None and self.held != "baseline":
             self._release()
-        self._cap_batches()
+        self._ask_pace()
 
     def figures(self) -> tuple[float | None, float | None, float | None]:
         """For the summary: the probe's p99 over the run (its paced part, ms), the baseline

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import heapq
+import json
 import re
 import shlex
 from collections.abc import Awaitable, Callable
@@ -18,8 +18,8 @@ import asyncpg
 import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
-from . import catalog, db, errors, scanindex, signals, sql, state
-from .batching import BatchSizer, LockBudget
+from . import catalog, db, errors, scanindex, signals, sql, state, triggers
+from .batching import LockBudget
 from .catalog import Target
 from .config import (
     DEFAULT_STATE_SCHEMA,
@@ -35,9 +35,10 @@ from .errors import ConnectError, TargetError, UsageError
 from .governor import Governor, first_of
 from .health import HealthSampler
 from .monitor import Monitor
+from .pace import Pace
 from .progress import Reporter, Stats, percentile
-from .results import RunSummary, ScanReport, VerifyResult
-from .scanner import Group, KeyRange, plan_ranges, scan_range
+from .results import RunSummary, ScanReport, UpdateTrigger, VerifyResult
+from .scanner import Group, KeyRange, LargestGroups, plan_ranges, scan_range
 from .spool import Spool
 from .throttle import Stopping, Throttle
 from .worker import PlanWriter, Rename, Worker, WorkItem
@@ -117,19 +118,13 @@ async def _scan_groups(
 async def scan(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> ScanReport:
     """Read-only: count duplicate groups and rows to rename. Never writes anything."""
     stats = Stats()
-    top: list[tuple[int, str]] = []
+    top = LargestGroups(scan_cfg.top)
     rows_to_rename = 0
 
     async def on_page(_: int, groups: list[Group], __: str | None) -> None:
         nonlocal rows_to_rename
-        for g in groups:
-            rows_to_rename += g.count - 1
-            if scan_cfg.top:
-                item = (g.count, g.key)
-                if len(top) < scan_cfg.top:
-                    heapq.heappush(top, item)
-                elif item > top[0]:
-                    heapq.heapreplace(top, item)
+        rows_to_rename += sum(g.count - 1 for g in groups)
+        top.add(groups)
 
     async with (
         errors.boundary("scan"),
@@ -142,6 +137,7 @@ async def scan(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> ScanR
         target = await _resolve(conn, cfg, write=False)
         if target.scan_index is None:
             raise _no_index_error(target)
+        update_triggers = await triggers.update_triggers(conn, target)
         ranges = await plan_ranges(conn, target, scan_cfg.scanners)
         # a bulkdedupe scan index is held while it is read: a run ending now must not drop it
         await resources.enter_async_context(scanindex.lease(conn, target, create=False))
@@ -154,7 +150,6 @@ async def scan(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> ScanR
             tg.cancel_scope.cancel()
         if reporter.tty:
             reporter.close(scan_finished=True)
-    largest = tuple((k, n) for n, k in sorted(top, key=lambda t: (-t[0], t[1])))
     return ScanReport(
         table=target.display,
         key=target.key,
@@ -163,8 +158,9 @@ async def scan(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> ScanR
         scanned_rows=stats.scanned_rows,
         groups=stats.groups_found,
         rows_to_rename=rows_to_rename,
-        largest_groups=largest,
+        largest_groups=top.largest(),
         duration_s=stats.elapsed(),
+        update_triggers=update_triggers,
     )
 
 
@@ -268,7 +264,7 @@ class _Run:
     ranges: list[KeyRange]
     checkpoints: state.Checkpoints
     wal_method: str | None
-    sizer: BatchSizer
+    pace: Pace
     throttle: Throttle
     knobs: Knobs
     governor: Governor | None
@@ -278,6 +274,8 @@ class _Run:
     reporter: Reporter
     plan_fh: IO[str] | None
     sample: list[Rename]
+    update_triggers: tuple[UpdateTrigger, ...]
+    largest: LargestGroups  # of the scan (a dry run shows them, with their share)
     status: str = "failed"  # until the engine has seen the work end
 
     @property
@@ -292,17 +290,19 @@ class _Run:
             queries=self.target.queries(self.cfg.state_schema),
             run_id=self.run_id,
             apply=rc.apply,
-            sizer=self.sizer,
+            sizer=self.pace.sizer,
             skips=self.skips,
             template=rc.template,
             lock_timeout=rc.lock_timeout,
             statement_timeout=rc.statement_timeout,
             wal_compression=self.wal_method,
+            disable_triggers=rc.disable_triggers,
             max_retries=rc.max_retries,
             stats=self.stats,
             plan=PlanWriter(self.plan_fh) if self.plan_fh else None,
             sample=self.sample,
             before_batch=self.throttle.gate(),
+            spool_dir=rc.spool_dir,
         )
 
     def checkpoint(self) -> dict[str, Any]:
@@ -330,9 +330,11 @@ async def _prepare(
     apply = run_cfg.apply
     st = sql.StateSql(cfg.state_schema)
     target = await _resolve(control, cfg, run_cfg.keep, write=apply)
+    run_cfg = await _kept_options(control, st, run_cfg)
+    update_triggers = await triggers.update_triggers(control, target)
     lock_budget, wal_method = await _server_limits(control, run_cfg)
-    ceiling = lock_budget.clamp(run_cfg.batch_size, run_cfg.concurrency)
-    throttle = Throttle(run_cfg.throttle, stats, stop)
+    pace = Pace.for_run(run_cfg, lock_budget, stats)
+    throttle = Throttle(run_cfg.throttle, stats, stop, pace)
     sampler = HealthSampler(cfg, target.oid, run_cfg.throttle)
     resources.push_async_callback(sampler.close)
     # Every check that can refuse the run comes before the first write.
@@ -360,15 +362,17 @@ async def _prepare(
         ranges=len(ranges),
         batch_size=run_cfg.batch_size,
         # lower than batch_size when the server's lock table is small (LockBudget)
-        batch_ceiling=ceiling,
+        batch_ceiling=pace.ceiling,
         concurrency=run_cfg.concurrency,
         wal_compression=wal_method or "server",
+        disable_triggers=run_cfg.disable_triggers,
+        # each fires once per renamed row
+        update_triggers=[
+            t.name for t in update_triggers if t.fires_during(run_cfg.disable_triggers)
+        ],
     )
     plan_fh = _open_plan(run_cfg.output)
-    sizer = BatchSizer(
-        target=run_cfg.target_batch_time, minimum=run_cfg.min_batch_size, maximum=ceiling
-    )
-    knobs, governor = _pace(cfg, run_cfg, run_id, stats, sizer, lock_budget, throttle)
+    knobs, governor = _pace(cfg, run_cfg, run_id, stats, pace, throttle)
     run_control = RunControl(st, run_id, knobs) if apply else None
     if run_control is not None:
         await run_control.reset(control)
@@ -392,7 +396,7 @@ async def _prepare(
         ranges=ranges,
         checkpoints=state.Checkpoints(ranges),
         wal_method=wal_method,
-        sizer=sizer,
+        pace=pace,
         throttle=throttle,
         knobs=knobs,
         governor=governor,
@@ -404,6 +408,8 @@ async def _prepare(
         ),
         plan_fh=plan_fh,
         sample=[],
+        update_triggers=update_triggers,
+        largest=LargestGroups(run_cfg.scan.top),
     )
 
 
@@ -433,6 +439,19 @@ async def _refuse_before_writing(
         if not run_cfg.apply:
             raise UsageError("--create-scan-index writes (it builds an index): use it with --apply")
         await catalog.check_owner(control, target, why="--create-scan-index builds an index on it")
+    if run_cfg.disable_triggers:  # the dry run too: it says what --apply would do
+        await triggers.check_may_disable(control, target)
+
+
+async def _kept_options(control: Conn, st: sql.StateSql, run_cfg: RunConfig) -> RunConfig:
+    """A resume keeps --disable-triggers when the run was started with it (half of a run's
+    renames firing the triggers and half not is never what was meant). Read-only."""
+    if not run_cfg.apply or run_cfg.run_id is None or run_cfg.disable_triggers:
+        return run_cfg
+    if (await state.recorded_options(control, st, run_cfg.run_id)).get("disable_triggers"):
+        log.info("the resumed run keeps --disable-triggers", run_id=run_cfg.run_id)
+        return dataclasses.replace(run_cfg, disable_triggers=True)
+    return run_cfg
 
 
 async def _register(
@@ -460,6 +479,9 @@ async def _register(
         options=_run_options(run_cfg, wal_method),
         database_url=redact_dsn(cfg.database_url),
     )
+    if resumed is not None and run_cfg.disable_triggers:
+        # from now on the run's renames skip the triggers: a later resume must keep that
+        await control.execute(st.merge_options, run_id, json.dumps({"disable_triggers": True}))
     # Anything that fails from here until the run's end is recorded marks it failed
     # (resumable), never leaves it "running" behind a process that has exited.
     resources.push_async_exit(_MarkFailedUnlessFinished(control, st, run_id, run_lock))
@@ -476,6 +498,7 @@ def _run_options(run_cfg: RunConfig, wal_method: str | None) -> dict[str, Any]:
         "lock_timeout": run_cfg.lock_timeout,
         "statement_timeout": run_cfg.statement_timeout,
         "wal_compression": wal_method or "server",
+        "disable_triggers": run_cfg.disable_triggers,
         "throttle": _throttle_options(run_cfg),
     }
 
@@ -496,34 +519,17 @@ def _pace(
     run_cfg: RunConfig,
     run_id: str,
     stats: Stats,
-    sizer: BatchSizer,
-    budget: LockBudget,
+    pace: Pace,
     throttle: Throttle,
 ) -> tuple[Knobs, Governor | None]:
-    """The one owner of the pace (Knobs: the batch ceiling on the sizer, the workers' limiter,
-    the throttle's limits) and, with --max-impact on --apply, the governor wired into the
-    sizer, the throttle's gate and the knobs."""
-    # Renames clear the visibility map of the pages they touch, and every cleared page
-    # turns the scan's index-only reads into heap reads: few workers while the scan runs,
-    # all of them once it is done.
-    limiter = anyio.CapacityLimiter(min(run_cfg.concurrency, run_cfg.concurrency_while_scanning))
-    knobs = Knobs(
-        sizer=sizer,
-        budget=budget,
-        limiter=limiter,
-        throttle=throttle,
-        stats=stats,
-        batch_size=run_cfg.batch_size,
-        concurrency=run_cfg.concurrency,
-        concurrency_while_scanning=run_cfg.concurrency_while_scanning,
-    )
+    """What may change the run's pace once it runs (the Pace owns it, and is the only thing
+    they touch): with --max-impact on --apply, the governor, which asks the pace for a rate
+    and a batch cap and to hold the run; and the knobs a live `set` turns, which hand each
+    setting to the pace, the throttle or the governor."""
     governor: Governor | None = None
     if run_cfg.apply and run_cfg.impact.max_impact is not None:
-        governor = Governor(cfg, run_cfg.impact, stats, run_id, cfg.state_schema)
-        governor.sizer = sizer
-        throttle.governor = governor
-        knobs.governor = governor
-    return knobs, governor
+        governor = Governor(cfg, run_cfg.impact, stats, run_id, cfg.state_schema, pace=pace)
+    return Knobs(pace=pace, throttle=throttle, governor=governor), governor
 
 
 # --- run: engine ---------------------------------------------------------------------------
@@ -568,27 +574,33 @@ async def _work(r: _Run, side: TaskGroup) -> None:
 
 async def _produce(r: _Run, scope: anyio.CancelScope) -> None:
     """Fill the spool: a resume's retried groups first, then the scan of the key ranges."""
-    producer = _Producer(r.spool, r.checkpoints, r.run_cfg.batch_size)
+    producer = _Producer(r.spool, r.checkpoints, r.pace)
+
+    async def on_page(rng: int, groups: list[Group], last_key: str | None) -> None:
+        r.largest.add(groups)
+        await producer.on_page(rng, groups, last_key)
+
     with scope:
         try:
             if r.resumed is not None:
                 # the groups the earlier process skipped, before the unfinished ranges
-                await _produce_retries(
-                    r.pool, r.st, r.run_id, r.spool, r.run_cfg.batch_size, r.stats
-                )
+                await _produce_retries(r.pool, r.st, r.run_id, r.spool, r.pace, r.stats)
             await _scan_groups(
                 r.pool,
                 r.target,
                 r.ranges,
                 r.run_cfg.scan.page_size,
                 r.stats,
-                producer.on_page,
+                on_page,
                 producer.finish_range,
                 r.stop,
                 r.throttle.wait_open,
             )
             r.stats.scan_seconds = r.stats.elapsed()
-            r.knobs.scan_finished()
+            # Renames clear the visibility map of the pages they touch, and every cleared page
+            # turns the scan's index-only reads into heap reads: few workers while the scan
+            # runs, all of them once it is done.
+            r.pace.scan_finished()
             log.info(
                 "scan finished",
                 seconds=round(r.stats.scan_seconds, 2),
@@ -612,7 +624,7 @@ async def _pump(
 
 async def _consume(r: _Run, items: ObjectReceiveStream[WorkItem]) -> None:
     worker = r.worker()
-    limiter, stop = r.knobs.limiter, r.stop
+    limiter, stop = r.pace.limiter, r.stop
     async with items:
         while not stop.is_set():
             # The limiter before an item: only as many workers as it allows hold work
@@ -738,14 +750,13 @@ async def _release_scan_index(
 
 
 class _Producer:
-    """Packs the groups of each key range into work items of about `batch_size` renames."""
+    """Packs the groups of each key range into work items of about the pace's current
+    `batch_size` renames (a live `set --batch-size` applies from the next item on)."""
 
-    def __init__(
-        self, spool: Spool[WorkItem], checkpoints: state.Checkpoints, batch_size: int
-    ) -> None:
+    def __init__(self, spool: Spool[WorkItem], checkpoints: state.Checkpoints, pace: Pace) -> None:
         self.spool = spool
         self.cp = checkpoints
-        self.batch_size = batch_size
+        self.pace = pace
         self.pending: dict[int, list[Group]] = {}
         self.since: dict[int, float] = {}
 
@@ -765,7 +776,7 @@ class _Producer:
         for g in groups:
             pending.append(g)
             renames += g.count - 1
-            if renames >= self.batch_size:
+            if renames >= self.pace.batch_size:
                 await self._emit(rng, g.key)
                 pending = self.pending.setdefault(rng, [])
                 self.since[rng] = anyio.current_time()
@@ -793,12 +804,12 @@ async def _produce_retries(
     st: sql.StateSql,
     run_id: str,
     spool: Spool[WorkItem],
-    batch_size: int,
+    pace: Pace,
     stats: Stats,
 ) -> None:
     """Queue the groups an earlier process of this run skipped (`<state>.skipped`), in work
-    items of about `batch_size` renames, marked `retry`: the checkpoint does not track them,
-    the skipped table does (each resolved group's row is deleted)."""
+    items of about the pace's `batch_size` renames, marked `retry`: the checkpoint does not
+    track them, the skipped table does (each resolved group's row is deleted)."""
     async with pool.acquire() as conn:
         pending: list[Group] = []
         renames = 0
@@ -807,7 +818,7 @@ async def _produce_retries(
                 pending.append(Group(key, rows + 1))
                 stats.found((pending[-1],))
                 renames += rows
-                if renames >= batch_size:
+                if renames >= pace.batch_size:
                     await spool.put(WorkItem(-1, 0, tuple(pending), None, retry=True))
                     pending, renames = [], 0
         if pending:
@@ -969,6 +980,10 @@ def _summary(r: _Run, status: str, skipped: state.SkippedSummary) -> RunSummary:
         impact_p99_ms=p99_ms,
         impact_baseline_ms=baseline_ms,
         impact_target=budget,
+        largest_groups=r.largest.largest(),
+        table_rows=max(stats.estimated_rows, stats.scanned_rows),
+        update_triggers=r.update_triggers,
+        disable_triggers=run_cfg.disable_triggers,
     )
 
 

@@ -21,6 +21,161 @@ def table_text(title: str, rows: list[tuple[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# A group this large is hardly a double submit: a junk default shared by a share of the rows.
+GIANT_GROUP_ROWS = 10_000
+GIANT_GROUP_SHARE = 0.01  # of the table, for groups of at least GIANT_GROUP_MIN_ROWS
+GIANT_GROUP_MIN_ROWS = 100  # so that in a small table a pair is not "giant"
+JUNK_HINT = "a junk value ('' / 'N/A' / blank char(n)) is the likely cause"
+
+
+def _shown_value(value: str) -> str:
+    """A key for a human line: blanks counted (a char(n) junk value is all blanks), long
+    values cut."""
+    if value and not value.strip():
+        return f"<{len(value)} blanks>"
+    return repr(value) if len(value) <= 60 else repr(value[:57]) + "..."
+
+
+@dataclass(frozen=True, kw_only=True)
+class LargeGroup:
+    """One of the largest groups, with its share of the table's rows."""
+
+    value: str
+    rows: int
+    share: float | None  # rows / the table's rows; None: the table's size is unknown
+
+    @property
+    def giant(self) -> bool:
+        if self.rows >= GIANT_GROUP_ROWS:
+            return True
+        return (
+            self.rows >= GIANT_GROUP_MIN_ROWS
+            and self.share is not None
+            and self.share >= GIANT_GROUP_SHARE
+        )
+
+    @property
+    def hint(self) -> str | None:
+        if not self.giant:
+            return None
+        held = f"{self.share:.1%} of the table" if self.share is not None else "many rows"
+        return (
+            f"{_shown_value(self.value)} holds {self.rows:,} rows ({held}): {JUNK_HINT}; "
+            f"its {self.rows - 1:,} rows will be renamed chunk by chunk"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        share = round(self.share, 6) if self.share is not None else None
+        return {
+            "value": self.value,
+            "rows": self.rows,
+            "share": share,
+            "giant": self.giant,
+            "hint": self.hint,
+        }
+
+
+def large_groups(groups: tuple[tuple[str, int], ...], table_rows: int) -> list[LargeGroup]:
+    """`groups` ((value, rows), largest first) with their share of `table_rows` (the scan's
+    count or the planner's estimate, whichever is larger; 0: unknown)."""
+    return [
+        LargeGroup(value=k, rows=n, share=n / table_rows if table_rows else None) for k, n in groups
+    ]
+
+
+def _large_groups_text(groups: list[LargeGroup]) -> str:
+    """The groups, one a line, then a hint for each giant one."""
+    out = ""
+    if groups:
+        out += "\n  largest groups (rows, share of the table):"
+        for g in groups:
+            share = f"{g.share:>7.2%}" if g.share is not None else "      -"
+            flag = "  <- giant" if g.giant else ""
+            out += f"\n    {g.rows:>10,}  {share}  {_shown_value(g.value)}{flag}"
+    for g in groups:
+        if g.hint:
+            out += f"\n  hint: {g.hint}"
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateTrigger:
+    """A row-level UPDATE trigger of the table: each rename is an UPDATE of one row."""
+
+    name: str
+    relation: str  # where it is defined (a partition's own trigger too)
+    function: str
+    timing: str  # BEFORE | AFTER | INSTEAD OF
+    # ALTER TABLE ... ENABLE [REPLICA | ALWAYS] TRIGGER: origin fires in the default
+    # session_replication_role, replica only under --disable-triggers, always in both
+    enabled: str  # "origin" | "replica" | "always"
+    columns: tuple[str, ...]  # UPDATE OF these columns only; (): any UPDATE
+    conditional: bool  # has a WHEN condition: fires only for the rows it holds for
+    on_key: bool  # an UPDATE of the key column fires it (no column list, or the key in it)
+
+    @property
+    def fires(self) -> bool:
+        """Fires for every rename in the default session_replication_role (origin)."""
+        return self.on_key and self.enabled in ("origin", "always")
+
+    @property
+    def fires_with_disable_triggers(self) -> bool:
+        """Fires even under --disable-triggers (session_replication_role = replica)."""
+        return self.on_key and self.enabled in ("always", "replica")
+
+    def fires_during(self, disable_triggers: bool) -> bool:
+        return self.fires_with_disable_triggers if disable_triggers else self.fires
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {
+            "columns": list(self.columns),
+            "fires": self.fires,
+            "fires_with_disable_triggers": self.fires_with_disable_triggers,
+        }
+
+    def describe(self, disable_triggers: bool) -> str:
+        what = f"{self.timing} {self.function}"
+        if self.columns:
+            what += f", UPDATE OF {', '.join(self.columns)}"
+        if self.conditional:
+            what += ", WHEN ..."
+        if not self.on_key:
+            verdict = "does not fire: not an UPDATE of the key"
+        elif self.fires_during(disable_triggers):
+            verdict = "fires" + (" (only when its WHEN holds)" if self.conditional else "")
+            if self.enabled == "always":
+                verdict += "; ENABLE ALWAYS: even with --disable-triggers"
+            elif self.enabled == "replica":
+                verdict += "; ENABLE REPLICA: only with --disable-triggers"
+            elif not disable_triggers:
+                verdict += "; not with --disable-triggers"
+        elif disable_triggers:
+            verdict = "off: --disable-triggers"
+        else:
+            verdict = "does not fire: ENABLE REPLICA (fires only with --disable-triggers)"
+        return f"{self.name} ({what}): {verdict}"
+
+
+def _triggers_text(
+    triggers: tuple[UpdateTrigger, ...], disable_triggers: bool, renames: int, verb: str
+) -> str:
+    if not triggers:
+        return ""
+    firing = sum(t.fires_during(disable_triggers) for t in triggers)
+    head = f"\n  update triggers of the table: {len(triggers)}"
+    if firing:
+        head += (
+            f"; {firing} fire{'s' if firing == 1 else ''} once per renamed row "
+            f"({renames:,} rows {verb})"
+        )
+        if not disable_triggers:
+            head += "; --disable-triggers switches ordinary ones off"
+    out = head
+    for t in triggers:
+        out += f"\n    {t.describe(disable_triggers)}"
+    return out
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScanReport:
     """Read-only report of the duplicates in the key column."""
@@ -34,14 +189,29 @@ class ScanReport:
     rows_to_rename: int
     largest_groups: tuple[tuple[str, int], ...]
     duration_s: float
+    # the table's enabled row-level UPDATE triggers: each fires once per renamed row
+    update_triggers: tuple[UpdateTrigger, ...] = ()
 
     @property
     def ok(self) -> bool:
         return self.groups == 0
 
+    @property
+    def table_rows(self) -> int:
+        """The table's rows as far as known: the scan's count of non-NULL keys, or the
+        planner's estimate when it is larger (NULL keys are not in the scan)."""
+        return max(self.estimated_rows, self.scanned_rows)
+
+    @property
+    def large_groups(self) -> list[LargeGroup]:
+        return large_groups(self.largest_groups, self.table_rows)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        d["largest_groups"] = [{"value": k, "rows": n} for k, n in self.largest_groups]
+        d["table_rows"] = self.table_rows
+        d["largest_groups"] = [g.to_json() for g in self.large_groups]
+        d["update_triggers"] = [t.to_json() for t in self.update_triggers]
+        d["update_triggers_firing"] = sum(t.fires for t in self.update_triggers)
         d["ok"] = self.ok
         return d
 
@@ -57,10 +227,8 @@ class ScanReport:
                 ("duration (s)", round(self.duration_s, 2)),
             ],
         )
-        if self.largest_groups:
-            out += "\n  largest groups:"
-            for k, n in self.largest_groups:
-                out += f"\n    {n:>8,}  {k!r}"
+        out += _large_groups_text(self.large_groups)
+        out += _triggers_text(self.update_triggers, False, self.rows_to_rename, "to rename")
         return out
 
 
@@ -130,6 +298,16 @@ class RunSummary:
     impact_p99_ms: float | None = None
     impact_baseline_ms: float | None = None
     impact_target: float | None = None
+    # the largest groups the scan found ((value, rows), largest first) and the table's rows
+    largest_groups: tuple[tuple[str, int], ...] = ()
+    table_rows: int = 0
+    # the table's row-level UPDATE triggers, and whether the batches ran in replica mode
+    update_triggers: tuple[UpdateTrigger, ...] = ()
+    disable_triggers: bool = False
+
+    @property
+    def large_groups(self) -> list[LargeGroup]:
+        return large_groups(self.largest_groups, self.table_rows)
 
     @property
     def failed_rows(self) -> int:
@@ -137,7 +315,15 @@ class RunSummary:
         return sum(n for reason, n in self.skipped.items() if reason != "no_longer_duplicate")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self) | {"sample": list(self.sample)}
+        return asdict(self) | {
+            "sample": list(self.sample),
+            "largest_groups": [g.to_json() for g in self.large_groups],
+            "update_triggers": [t.to_json() for t in self.update_triggers],
+            # fired once per renamed row each, in the batches' session_replication_role
+            "update_triggers_firing": sum(
+                t.fires_during(self.disable_triggers) for t in self.update_triggers
+            ),
+        }
 
     def to_text(self) -> str:
         verb = "rows renamed" if self.mode == "apply" else "rows that would be renamed"
@@ -181,7 +367,17 @@ class RunSummary:
             rows.append(("plan written to", self.output))
         if self.retry_command:
             rows.append(("retry them with", self.retry_command))
+        if self.disable_triggers:
+            rows.append(("triggers", "disabled (session_replication_role = replica)"))
         out = table_text(f"run of {self.table}.{self.key}", rows)
+        if self.mode != "apply":  # what the run will meet (its JSON keeps them either way)
+            out += _large_groups_text(self.large_groups)
+        out += _triggers_text(
+            self.update_triggers,
+            self.disable_triggers,
+            self.rows_renamed,
+            "renamed" if self.mode == "apply" else "to rename",
+        )
         if self.sample:
             out += "\n  sample:"
             for s in self.sample:
@@ -287,6 +483,10 @@ class UndoSummary:
     retries: int
     duration_s: float
     sample: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # the impact governor, as in RunSummary (None: --max-impact off, or a dry run)
+    impact_p99_ms: float | None = None
+    impact_baseline_ms: float | None = None
+    impact_target: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self) | {"sample": list(self.sample)}
@@ -313,6 +513,9 @@ class UndoSummary:
             ("retries", self.retries),
             ("duration (s)", round(self.duration_s, 2)),
         ]
+        if self.impact_p99_ms is not None or self.impact_target is not None:
+            impact = _impact(self.impact_p99_ms, self.impact_baseline_ms, self.impact_target)
+            rows.append(("impact", impact))
         out = table_text(f"undo on {self.table}.{self.key}", rows)
         if self.sample:
             out += "\n  sample:"

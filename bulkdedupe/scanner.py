@@ -4,6 +4,7 @@ page size, never by the table."""
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,28 @@ class Group:
     def __reduce__(self) -> tuple[type[Group], tuple[str, int]]:
         # spooled by the hundred thousand: the dataclass default pickles via fields(), slowly
         return (Group, (self.key, self.count))
+
+
+class LargestGroups:
+    """The `top` largest groups seen so far (a heap of `top` entries: flat memory)."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self._heap: list[tuple[int, str]] = []
+
+    def add(self, groups: list[Group]) -> None:
+        if not self.top:
+            return
+        for g in groups:
+            item = (g.count, g.key)
+            if len(self._heap) < self.top:
+                heapq.heappush(self._heap, item)
+            elif item > self._heap[0]:
+                heapq.heapreplace(self._heap, item)
+
+    def largest(self) -> tuple[tuple[str, int], ...]:
+        """(value, rows), largest first (ties by value)."""
+        return tuple((k, n) for n, k in sorted(self._heap, key=lambda t: (-t[0], t[1])))
 
 
 @dataclass(frozen=True, slots=True)

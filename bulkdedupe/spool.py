@@ -111,3 +111,70 @@ class Spool(Generic[T]):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class DiskList(Generic[T]):
+    """Items appended once, then taken in the same order, a few at a time; everything but the
+    current record lives in a temporary file (a giant group's losers: a million primary keys
+    must not be held in memory). Appends are pickled in records of `record_items`."""
+
+    def __init__(self, *, record_items: int = 1000, directory: str | None = None) -> None:
+        self.record_items = record_items
+        self.directory = directory
+        self._buffer: list[T] = []
+        self._file: IO[bytes] | None = None
+        self._read_pos = 0
+        self._reading: deque[T] = deque()
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def append(self, item: T) -> None:
+        self._buffer.append(item)
+        self.count += 1
+        if len(self._buffer) >= self.record_items:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        if self._file is None:
+            # closed by close(); lives as long as one group's work-off
+            self._file = tempfile.TemporaryFile(prefix="bulkdedupe-losers-", dir=self.directory)  # noqa: SIM115
+        data = pickle.dumps(self._buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        self._file.seek(0, 2)
+        self._file.write(_LEN.pack(len(data)) + data)
+        self._buffer = []
+
+    def take(self, n: int) -> list[T]:
+        """The next `n` items (fewer at the end; [] once all were taken)."""
+        out: list[T] = []
+        while len(out) < n:
+            if not self._reading and not self._load():
+                break
+            while self._reading and len(out) < n:
+                out.append(self._reading.popleft())
+        return out
+
+    def _load(self) -> bool:
+        if self._file is not None:
+            self._file.seek(self._read_pos)
+            head = self._file.read(_LEN.size)
+            if head:
+                (n,) = _LEN.unpack(head)
+                self._reading.extend(pickle.loads(self._file.read(n)))  # noqa: S301 - our own file
+                self._read_pos += _LEN.size + n
+                return True
+        if self._buffer:  # the last, partial record never went to disk
+            self._reading.extend(self._buffer)
+            self._buffer = []
+            return True
+        return False
+
+    def close(self) -> None:
+        self._buffer = []
+        self._reading.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -105,6 +105,73 @@ WHERE schemaname = $1 AND tablename = $2 AND attname = $3
 """
 
 
+# --- the table's own triggers and foreign keys (triggers.py) -------------------------------
+
+# The enabled row-level UPDATE triggers a rename can fire ($1: the table's oid), on the table
+# and, when it is partitioned, its partitions (where a parent's trigger is cloned: listed once,
+# from the parent). Internal triggers (foreign-key checks) are FOREIGN_KEYS_ON_KEY's. tgtype
+# bits (pg_trigger.h): 1 row, 2 before, 16 update, 64 instead of; tgenabled: O fires in origin
+# (the default) and local mode, R only in replica mode, A always, D never.
+# pg_partition_tree() of a table that is not partitioned is empty: the table itself is added.
+_TABLE_TREE = """
+    SELECT $1::oid AS relid, 0 AS level
+    UNION SELECT relid, level FROM pg_partition_tree($1::oid::regclass)"""
+UPDATE_TRIGGERS = f"""
+WITH tree AS ({_TABLE_TREE})
+SELECT name, relation, function, timing, enabled, columns, conditional FROM (
+    SELECT DISTINCT ON (t.tgname, t.tgfoid)
+           t.tgname::text AS name,
+           t.tgrelid::regclass::text AS relation,
+           t.tgfoid::regproc::text AS function,
+           CASE WHEN t.tgtype & 2 <> 0 THEN 'BEFORE'
+                WHEN t.tgtype & 64 <> 0 THEN 'INSTEAD OF'
+                ELSE 'AFTER' END AS timing,
+           t.tgenabled::text AS enabled,
+           -- UPDATE OF these columns only; empty: any UPDATE
+           ARRAY(SELECT a.attname::text FROM unnest(t.tgattr::int2[]) AS c(attnum)
+                 JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = c.attnum
+                 ORDER BY a.attnum) AS columns,
+           t.tgqual IS NOT NULL AS conditional
+    FROM pg_trigger t
+    JOIN tree ON tree.relid = t.tgrelid
+    WHERE NOT t.tgisinternal AND t.tgtype & 1 <> 0 AND t.tgtype & 16 <> 0
+      AND t.tgenabled <> 'D'
+    ORDER BY t.tgname, t.tgfoid, tree.level
+) s
+ORDER BY name, relation
+"""
+
+# Foreign keys whose columns include the key ($1: the table's oid, $2: the key's name), either
+# way: from the table (a rename changes the referencing value) or to it (only through a unique
+# key of several columns: one on the key alone cannot exist while the key has duplicates).
+# Partitions' clones of a parent's foreign key (conparentid <> 0) are the parent's.
+FOREIGN_KEYS_ON_KEY = f"""
+WITH tree AS ({_TABLE_TREE})
+SELECT c.conname::text AS name,
+       c.conrelid::regclass::text AS referencing,
+       c.confrelid::regclass::text AS referenced,
+       pg_get_constraintdef(c.oid) AS definition
+FROM pg_constraint c
+WHERE c.contype = 'f' AND c.conparentid = 0 AND (
+    (c.conrelid IN (SELECT relid FROM tree) AND EXISTS (
+        SELECT 1 FROM pg_attribute a
+        WHERE a.attrelid = c.conrelid AND a.attnum = ANY (c.conkey) AND a.attname = $2::name))
+    OR (c.confrelid IN (SELECT relid FROM tree) AND EXISTS (
+        SELECT 1 FROM pg_attribute a
+        WHERE a.attrelid = c.confrelid AND a.attnum = ANY (c.confkey) AND a.attname = $2::name)))
+ORDER BY c.conname
+"""
+
+# --disable-triggers sets session_replication_role, a superuser-only setting unless granted
+# (PostgreSQL 15+: GRANT SET ON PARAMETER session_replication_role).
+REPLICATION_ROLE_ALLOWED = """
+SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser,
+       current_user AS role,
+       current_setting('server_version_num')::int AS version_num
+"""
+REPLICATION_ROLE_GRANTED = "SELECT has_parameter_privilege('session_replication_role', 'SET')"
+
+
 def create_index_concurrently(index: str, table: str, key: str) -> str:
     return f"CREATE INDEX CONCURRENTLY {quote_ident(index)} ON {table} ({quote_ident(key)})"
 
@@ -279,6 +346,11 @@ class StateSql:
     def resume_run(self) -> str:
         return f"""UPDATE {self.runs} SET status = 'running', finished_at = NULL,
             updated_at = now() WHERE run_id = $1"""
+
+    @cached_property
+    def merge_options(self) -> str:
+        # a resume that adds an option the run must keep from now on (--disable-triggers)
+        return f"UPDATE {self.runs} SET options = options || $2::jsonb WHERE run_id = $1"
 
     @cached_property
     def save_progress(self) -> str:
@@ -568,6 +640,35 @@ SELECT pg_advisory_xact_lock(h) FROM (
         return f"""SELECT {self.p} AS pk, {self.k} AS k FROM {self.table}
 WHERE {self.k} = ANY($1::{self.key_type}[]) ORDER BY {self._order()}"""
 
+    # --- a giant group (more rows than one batch): decided once, then worked off in chunks ---
+
+    @cached_property
+    def group_survivor(self) -> str:
+        # the row an ordinary batch would keep (first by --keep order); a top-1 sort, no more
+        return f"""SELECT {self.p} AS pk, {self.k} AS k FROM {self.table}
+WHERE {self.k} = $1::{self.key_type} ORDER BY {self._order()} LIMIT 1"""
+
+    @cached_property
+    def group_losers(self) -> str:
+        # streamed through a cursor into a file: the key index returns a value's entries in
+        # heap order, so each chunk's rows sit on neighbouring pages (no ORDER BY, no sort)
+        return f"""SELECT {self.p} AS pk FROM {self.table}
+WHERE {self.k} = $1::{self.key_type} AND {self.p} <> $2::{self.pk_type}"""
+
+    @cached_property
+    def read_chunk(self) -> str:
+        # under the key's advisory lock: the chunk's rows that still hold the value (by primary
+        # key: O(chunk), whatever the group's size), and the survivor if it still holds it
+        # `(k = $2) IS TRUE`, not `k = $2`: the same test, but not one an index can answer, so
+        # even a generic plan (which cannot know that $2 is held by a million rows) looks the
+        # rows up by primary key instead of walking the whole group in the key's index
+        return f"""
+SELECT {self.p} AS pk, {self.k} AS k, false AS survivor FROM {self.table}
+WHERE {self.p} = ANY($1::{self.pk_type}[]) AND ({self.k} = $2::{self.key_type}) IS TRUE
+UNION ALL
+SELECT {self.p}, {self.k}, true FROM {self.table}
+WHERE {self.p} = $3::{self.pk_type} AND ({self.k} = $2::{self.key_type}) IS TRUE"""
+
     @cached_property
     def check_candidates(self) -> str:
         # $3: take a non-blocking advisory lock on each candidate (apply); dry-run takes none.
@@ -591,12 +692,15 @@ WITH v AS (
         AS v(pk, old, new, survivor, old_text)
 ), u AS (
     UPDATE {self.table} t SET {self.k} = v.new FROM v
-    WHERE t.{self.p} = v.pk AND t.{self.k} = v.old
+    -- `(… = v.old) IS TRUE`: the same test, but not one the key's index can answer (nor the
+    -- planner chain, s.k = t.k), so both rows are found by primary key: with a generic plan the
+    -- key index would walk every row of a giant group, once per row renamed
+    WHERE t.{self.p} = v.pk AND (t.{self.k} = v.old) IS TRUE
       -- the survivor still holds the old value (read, not locked: locking it would dirty a
       -- page this tool never changes); if the application deleted or re-keyed it since the
       -- batch read it, the losers stay as they are and the batch is tried again
       AND EXISTS (SELECT 1 FROM {self.table} s WHERE s.{self.p} = v.survivor
-                  AND s.{self.k} = v.old)
+                  AND (s.{self.k} = v.old) IS TRUE)
       -- re-checked with this statement's snapshot, taken after the candidate's advisory lock:
       -- a worker that wrote the same value and released its lock just before is seen here
       AND NOT EXISTS (SELECT 1 FROM {self.table} o WHERE o.{self.k} = v.new)
@@ -616,6 +720,14 @@ SET_BATCH_TIMEOUTS = (
 SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION = """
 SELECT set_config('lock_timeout', $1, true), set_config('statement_timeout', $2, true),
        set_config('wal_compression', $3, true)"""
+
+# --disable-triggers: either of the above, and replica mode for the transaction (no parameter
+# of its own): ordinary triggers and rules, foreign-key checks included, do not fire in it.
+_REPLICA_ROLE = ",\n       set_config('session_replication_role', 'replica', true)"
+SET_BATCH_TIMEOUTS_REPLICA = SET_BATCH_TIMEOUTS + _REPLICA_ROLE
+SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION_REPLICA = (
+    SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION + _REPLICA_ROLE
+)
 
 # What --wal-compression may use: the server's setting, the methods it was built with (an enum
 # from PostgreSQL 15; a boolean before), and whether this role may change it for its own

@@ -203,6 +203,18 @@ async def start_run(
     return rid, None
 
 
+async def recorded_options(conn: Conn, state: sql.StateSql, run_id: str) -> dict[str, Any]:
+    """The options run `run_id` was recorded with; {} when there is no such run (nor a state
+    schema yet). Read-only: a resume reads them before it writes anything."""
+    if not await schema_exists(conn, state):  # says which GRANT is missing, if one is
+        return {}
+    row = await conn.fetchrow(state.get_run, run_id)
+    if row is None:
+        return {}
+    options: Any = row["options"]
+    return dict(json.loads(options) if isinstance(options, str) else options or {})
+
+
 async def save_progress(
     conn: Conn,
     state: sql.StateSql,

@@ -1,9 +1,10 @@
-"""Throttling: the pure decision (health samples + limits -> go, pause or stop), the max-rate
-token bucket, and the gate every worker passes before each batch transaction.
+"""Throttling: the pure decision (health samples + limits -> go, pause or stop) and the gate
+every worker passes before each batch transaction.
 
 The monitor (monitor.py) samples the server about once a second and hands each sample to
 :func:`decide`; the :class:`Throttle` keeps the verdict, logs each pause and resume once, and
-makes workers wait on an event while paused (never a busy loop).
+makes workers wait on an event while paused (never a busy loop). How fast the batches go
+(--max-rate, the impact governor's pace and holds) is the Pace's (pace.py): the gate asks it.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import structlog
 
 from .config import ThrottleConfig
+from .pace import Pace
 from .progress import Stats
-
-if TYPE_CHECKING:
-    from .governor import Governor
 
 log = structlog.get_logger(__name__)
 
@@ -241,59 +240,27 @@ def wal_rate(history: Sequence[tuple[float, int]]) -> float | None:
     return max(0.0, (b1 - b0) / (t1 - t0))
 
 
-# --- max-rate ------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenBucket:
-    """Rows per second over renamed rows, shared by all workers. A batch spends its rows after
-    the fact (how many it renames is known only then); the next batch waits until the debt is
-    paid. Idle time earns no credit: the rate is a ceiling, never caught up on."""
-
-    rate: float
-    tokens: float = 0.0
-    at: float | None = None
-
-    def _refill(self, now: float) -> None:
-        if self.at is not None:
-            self.tokens = min(0.0, self.tokens + self.rate * (now - self.at))
-        self.at = now
-
-    def spend(self, rows: int, now: float) -> None:
-        self._refill(now)
-        self.tokens -= rows
-
-    def delay(self, now: float) -> float:
-        """Seconds until the next batch may start."""
-        self._refill(now)
-        return -self.tokens / self.rate if self.tokens < 0 else 0.0
-
-    def set_rate(self, rate: float, now: float) -> None:
-        self._refill(now)  # the debt so far at the old rate, the rest at the new one
-        self.rate = rate
-
-
 # --- the gate ------------------------------------------------------------------------------
 
 
 class Throttle:
-    """The current verdict and the max-rate/sleep limits; workers wait here before each batch
-    (and the scanner between pages while paused)."""
+    """The current verdict and the guardrails' limits; workers wait here before each batch
+    (and the scanner between pages while paused). --max-rate acts in `pace`, which this hands
+    every change of it; the gate also waits out the pace's holds and delays."""
 
-    def __init__(self, limits: ThrottleConfig, stats: Stats, stop: anyio.Event) -> None:
+    def __init__(
+        self, limits: ThrottleConfig, stats: Stats, stop: anyio.Event, pace: Pace | None = None
+    ) -> None:
         self.limits = limits
         self.stats = stats
         self.stop = stop
+        # a run's own (Pace.for_run, which starts at the same --max-rate); else one of its own
+        self.pace = pace if pace is not None else Pace(stats=stats, max_rate=limits.max_rate)
         self.verdict = Verdict()
-        self.bucket = TokenBucket(limits.max_rate) if limits.max_rate else None
         self.stop_reason: Reason | None = None
-        self.rate_waiting = 0  # workers waiting on max-rate right now
+        self.rate_waiting = 0  # workers waiting on the pace (max-rate, the governor) right now
         self.paused_since: datetime | None = None
-        self._spent = 0
         self._changed = anyio.Event()
-        # the impact governor (None: --max-impact off): its pace and its holds, on top of the
-        # guardrails' pauses and --max-rate (the slower of the two paces wins)
-        self.governor: Governor | None = None
 
     @property
     def paused(self) -> bool:
@@ -333,14 +300,8 @@ class Throttle:
             self._notify()
 
     def set_limits(self, limits: ThrottleConfig) -> None:
-        now = anyio.current_time()
-        if limits.max_rate is None:
-            self.bucket = None
-        elif self.bucket is None:
-            self.bucket = TokenBucket(limits.max_rate)
-            self._spent = self.stats.renamed  # start afresh: earlier rows owe nothing
-        else:
-            self.bucket.set_rate(limits.max_rate, now)
+        """A live `set` of the guardrails; --max-rate goes to the pace."""
+        self.pace.set_max_rate(limits.max_rate)
         self.limits = limits
         self._notify()
 
@@ -355,15 +316,6 @@ class Throttle:
             await self.stop.wait()
         if self.stop.is_set():
             raise Stopping
-
-    def _rate_delay(self) -> float:
-        if self.bucket is None:
-            return 0.0
-        now = anyio.current_time()
-        renamed = self.stats.renamed
-        self.bucket.spend(renamed - self._spent, now)
-        self._spent = renamed
-        return self.bucket.delay(now)
 
     def gate(self) -> Callable[[], Awaitable[None]]:
         """A worker's `before_batch`. It runs inside the worker's concurrency slot, so --sleep
@@ -380,14 +332,11 @@ class Throttle:
                     if not await self.wait_open():
                         raise Stopping
                     continue
-                governor = self.governor
-                if governor is not None and governor.held is not None:
+                if self.pace.held is not None:  # the governor's baseline, pause or stall
                     with anyio.move_on_after(NAP_SLICE):  # a stop is obeyed within a slice
-                        await governor.wait_released()
+                        await self.pace.wait_released()
                     continue
-                delay = self._rate_delay()
-                if governor is not None:
-                    delay = max(delay, governor.delay())
+                delay = self.pace.delay()  # --max-rate and the governor's pace
                 if delay <= 0:
                     return
                 self.rate_waiting += 1

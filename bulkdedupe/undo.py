@@ -12,13 +12,14 @@ import anyio
 import asyncpg
 import structlog
 
-from . import catalog, db, errors, retry, signals, sql, state
+from . import catalog, db, errors, retry, signals, sql, state, triggers
 from .batching import LockBudget
 from .catalog import Target
 from .config import ConnectConfig, UndoConfig, redact_dsn
 from .db import Conn
 from .errors import BulkDedupeError, RunStateError, TargetError, from_driver
 from .governor import Governor, first_of
+from .pace import Pace
 from .planner import equality_key
 from .progress import Stats
 from .results import UndoSummary
@@ -149,8 +150,8 @@ class _Undoer:
         self.u = sql.UndoSql(self.q)
         # set by run() once the server says which --wal-compression it can have
         self.settings = batch_settings(ucfg.lock_timeout, ucfg.statement_timeout, None)
-        # and the most changes a batch may restore, once it says how big its lock table is
-        self.batch_size = ucfg.batch_size
+        # the governor's figures once it has paced the restores: probe p99, baseline, budget
+        self.impact: tuple[float | None, float | None, float | None] = (None, None, None)
 
     async def preview(self, conn: Conn, stop: anyio.Event) -> None:
         """Dry run: classify every audit row against current data, without locks or writes."""
@@ -170,22 +171,15 @@ class _Undoer:
             self.tally.batches += 1
             cursor = rows[-1]["id"]
 
-    async def apply(
-        self,
-        control: Conn,
-        pool: asyncpg.Pool,
-        stop: anyio.Event,
-        governor: Governor | None = None,
-    ) -> None:
+    async def apply(self, control: Conn, pool: asyncpg.Pool, stop: anyio.Event, pace: Pace) -> None:
+        """Restore, newest change first, each batch as big and as soon as `pace` allows."""
         cursor = sql.MAX_BIGINT
         while not stop.is_set():
-            size = self.batch_size
-            if governor is not None:
-                await governor.pace(stop)
-                if stop.is_set():
-                    return
-                size = governor.batch_limit(size)
-                governor.stats.renamed = self.tally.restored  # what the pace has been spent on
+            pace.stats.renamed = self.tally.restored  # what the pace has been spent on
+            await pace.wait_turn(stop)
+            if stop.is_set():
+                return
+            size = pace.sizer.size  # under the lock budget and the governor's cap
             page = await control.fetch(self.u.changes_page_desc, self.ucfg.run_id, cursor, size)
             if not page:
                 return
@@ -290,6 +284,8 @@ async def undo(
         async with errors.boundary("undo"), db.connect(cfg) as control:
             run = await _find_run(control, st, ucfg.run_id, write=ucfg.apply)
             target = await _resolve(control, cfg, run, ucfg.apply)
+            if ucfg.disable_triggers:  # refused before anything changes (the dry run too)
+                await triggers.check_may_disable(control, target)
             # Hold the undone run's own lock: it must not be executing (or resumed) meanwhile.
             source_lock = state.RunLock(control, ucfg.run_id)
             await source_lock.acquire()
@@ -339,6 +335,9 @@ async def undo(
         retries=tally.retries,
         duration_s=round(anyio.current_time() - started, 3),
         sample=tuple(tally.sample),
+        impact_p99_ms=undoer.impact[0],
+        impact_baseline_ms=undoer.impact[1],
+        impact_target=undoer.impact[2],
     )
 
 
@@ -354,9 +353,18 @@ async def _apply(
     """Register the undo as a run of its own, restore batch by batch, record how it ended."""
     info = await catalog.server_info(control)
     method = await catalog.wal_compression(control, ucfg.wal_compression, info.version_num)
-    undoer.settings = batch_settings(ucfg.lock_timeout, ucfg.statement_timeout, method)
-    # Two advisory locks per change (its old and its restored value), as a rename batch.
-    undoer.batch_size = LockBudget(info.lock_slots).clamp(ucfg.batch_size, UNDO_CONCURRENCY)
+    undoer.settings = batch_settings(
+        ucfg.lock_timeout, ucfg.statement_timeout, method, ucfg.disable_triggers
+    )
+    # Two advisory locks per change (its old and its restored value), as a rename batch;
+    # fixed batches (no --target-batch-time), only ever lowered by the governor.
+    pace = Pace(
+        stats=Stats(),
+        budget=LockBudget(info.lock_slots),
+        batch_size=ucfg.batch_size,
+        min_batch_size=1,
+        concurrency=UNDO_CONCURRENCY,
+    )
     # what a newer release added to the state schema (the probe's heartbeat, skipped groups)
     await state.ensure_schema(control, st)
     undo_run_id = state.new_run_id()
@@ -374,6 +382,7 @@ async def _apply(
             "lock_timeout": ucfg.lock_timeout,
             "statement_timeout": ucfg.statement_timeout,
             "wal_compression": method or "server",
+            "disable_triggers": ucfg.disable_triggers,
         },
         database_url=redact_dsn(cfg.database_url),
     )
@@ -383,13 +392,13 @@ async def _apply(
         run_id=undo_run_id,
         wal_compression=method or "server",
         # lower than batch_size when the server's lock table is small (LockBudget)
-        batch_ceiling=undoer.batch_size,
+        batch_ceiling=pace.ceiling,
     )
     status = "failed"
     t = undoer.tally
     governor = None
     if ucfg.impact.max_impact is not None:
-        governor = Governor(cfg, ucfg.impact, Stats(), undo_run_id, cfg.state_schema)
+        governor = Governor(cfg, ucfg.impact, pace.stats, undo_run_id, cfg.state_schema, pace=pace)
     try:
         async with (
             db.pool(cfg, size=UNDO_CONCURRENCY, statement_timeout=ucfg.statement_timeout) as pool,
@@ -399,10 +408,13 @@ async def _apply(
                 # paced as a run is: the baseline first, then the probe holds the restores
                 tg.start_soon(governor.run)
                 await first_of(governor.wait_baseline, stop.wait)
-            await undoer.apply(control, pool, stop, governor)
+            await undoer.apply(control, pool, stop, pace)
             tg.cancel_scope.cancel()
         status = "interrupted" if stop.is_set() else "completed"
     finally:
+        if governor is not None:
+            undoer.impact = governor.figures()
+        p99_ms, baseline_ms, budget = undoer.impact
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await state.finish_run(
                 control,
@@ -420,6 +432,10 @@ async def _apply(
                     "changed_since": t.changed,
                     "deleted_since": t.deleted,
                     "changed_sample": t.changed_sample,
+                    # as a run's summary has them: `status` of the finished undo shows them
+                    "impact_p99_ms": p99_ms,
+                    "impact_baseline_ms": baseline_ms,
+                    "impact_target": budget,
                 },
             )
             await undo_lock.release()

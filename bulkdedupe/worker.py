@@ -29,12 +29,20 @@ from .errors import (
 from .planner import GroupPlan, Row, candidates, plan_groups
 from .progress import Stats
 from .scanner import Group
+from .spool import DiskList
 from .state import SkipLog
 from .throttle import Stopping
 
 log = structlog.get_logger(__name__)
 
 MAX_CANDIDATE_ROUNDS = 20
+# A group with more losers than one batch (and than this) is worked off in chunks: decided once,
+# its losers streamed to a file, each chunk re-reading only its own rows (O(group), not O(group²)).
+GIANT_GROUP_MIN_LOSERS = 200
+# Passes over a giant group: each one after the first picks up rows that joined the group while
+# the one before was worked off (live inserts) or follows a survivor the application changed.
+MAX_GROUP_PASSES = 5
+LOSERS_PREFETCH = 5000  # cursor rows fetched at a time while a giant group's losers are listed
 
 
 class StaleBatch(Exception):
@@ -47,14 +55,25 @@ RETRY_OR_FAIL: tuple[type[BaseException], ...] = (*DRIVER_ERRORS, StaleBatch)
 
 
 def batch_settings(
-    lock_timeout: float, statement_timeout: float, wal_compression: str | None
+    lock_timeout: float,
+    statement_timeout: float,
+    wal_compression: str | None,
+    disable_triggers: bool = False,
 ) -> tuple[str, ...]:
-    """The query and arguments that open every batch transaction: its timeouts and, when the
-    run compresses its own full-page images, that too (all SET LOCAL: they end with it)."""
+    """The query and arguments that open every batch transaction: its timeouts; when the
+    run compresses its own full-page images, that too; with --disable-triggers, replica mode
+    (session_replication_role: the table's ordinary triggers do not fire). All SET LOCAL:
+    they end with the transaction."""
     timeouts = (f"{int(lock_timeout * 1000)}ms", f"{int(statement_timeout * 1000)}ms")
     if wal_compression is None:
-        return (sql.SET_BATCH_TIMEOUTS, *timeouts)
-    return (sql.SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION, *timeouts, wal_compression)
+        query = sql.SET_BATCH_TIMEOUTS_REPLICA if disable_triggers else sql.SET_BATCH_TIMEOUTS
+        return (query, *timeouts)
+    query = (
+        sql.SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION_REPLICA
+        if disable_triggers
+        else sql.SET_BATCH_TIMEOUTS_AND_WAL_COMPRESSION
+    )
+    return (query, *timeouts, wal_compression)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,12 +164,14 @@ class Worker:
         lock_timeout: float,
         statement_timeout: float,
         wal_compression: str | None,
+        disable_triggers: bool = False,
         max_retries: int,
         stats: Stats,
         plan: PlanWriter | None = None,
         sample: list[Rename] | None = None,
         sample_size: int = 10,
         before_batch: Callable[[], Awaitable[None]] | None = None,
+        spool_dir: str | None = None,
     ) -> None:
         self.pool = pool
         self.target = target
@@ -160,7 +181,9 @@ class Worker:
         self.sizer = sizer
         self.skips = skips
         self.template = template
-        self.settings = batch_settings(lock_timeout, statement_timeout, wal_compression)
+        self.settings = batch_settings(
+            lock_timeout, statement_timeout, wal_compression, disable_triggers
+        )
         self.max_retries = max_retries
         self.stats = stats
         self.plan = plan
@@ -169,17 +192,21 @@ class Worker:
         # The throttle's gate: may wait (paused, max-rate, --sleep) or raise to stop the run.
         # Called before each attempt, before a connection is taken from the pool.
         self.before_batch = before_batch
+        self.spool_dir = spool_dir  # where a giant group's list of losers is written
 
     async def handle(self, item: WorkItem) -> None:
         """Work off every group of the item, in transactions of at most the sizer's current
         size (a group larger than that takes several). Every row is decided once: renamed, or
         skipped with its reason; skipped groups are on record (`SkipLog`) when this returns."""
         groups = {g.key: _Progress(g.count) for g in item.groups}
-        pending = list(groups)
+        giant = [k for k, g in groups.items() if self._is_giant(g)]
+        pending = [k for k in groups if k not in giant]
         while pending:
             take = self._take(pending, groups)
             leftover = await self._with_retries(pending[:take], groups)
             pending = leftover + pending[take:]
+        for key in giant:
+            await self._work_off(key, groups[key])
         for key, g in groups.items():
             if g.unplaceable and not g.skipped:
                 await self._skip_group(
@@ -208,11 +235,18 @@ class Worker:
             take += 1
         return take
 
-    async def _with_retries(self, keys: list[str], groups: dict[str, _Progress]) -> list[str]:
+    async def _with_retries(
+        self,
+        keys: list[str],
+        groups: dict[str, _Progress],
+        once: Callable[[], Awaitable[list[str]]] | None = None,
+    ) -> list[str]:
+        """One transaction (`once`, by default an ordinary batch of `keys`), retried as the
+        error's class says; returns the keys left for another transaction."""
         attempt = 0
         while True:
             try:
-                return await self._once(keys, groups)
+                return await (once() if once is not None else self._once(keys, groups))
             except Stopping:
                 raise
             except RETRY_OR_FAIL as exc:
@@ -280,7 +314,13 @@ class Worker:
         started = anyio.current_time()
         decided = {pk for k in keys for pk in groups[k].decided}
         result = await self._transaction(keys, self.sizer.size, decided)
-        seconds = anyio.current_time() - started
+        return self._account(keys, groups, result, anyio.current_time() - started)
+
+    def _account(
+        self, keys: list[str], groups: dict[str, _Progress], result: TxResult, seconds: float
+    ) -> list[str]:
+        """What a committed (or, dry run, planned) transaction did, into the stats, the sizer,
+        the groups' progress, the plan and the sample; returns its leftover keys."""
         self.sizer.observe(len(result.renames), seconds)
         self.stats.batch_seconds.append(seconds)
         self.stats.batch_size = self.sizer.size
@@ -337,19 +377,135 @@ class Worker:
             gone = [k for k in keys if k not in seen]  # no row holds the key any more
             renames, unplaceable = await self._assign(conn, plans)
             if self.apply and renames:
-                status = await conn.execute(
-                    self.q.apply_renames,
-                    [r.pk for r in renames],
-                    [r.old for r in renames],
-                    [r.new for r in renames],
-                    self.run_id,
-                    [r.survivor_pk for r in renames],
-                    [r.old for r in renames],
-                )
-                if int(status.split()[-1]) != len(renames):
-                    raise StaleBatch(f"expected {len(renames)} renames, wrote {status}")
+                await self._rename(conn, renames)
         leftover = [p.key for p in plans if p.rest > 0] if self.apply else []
         return TxResult(renames, single + gone, unplaceable, leftover)
+
+    async def _rename(self, conn: Conn, renames: list[Rename]) -> None:
+        """The batch's UPDATE with its audit rows; every row it was asked to rename, or none."""
+        status = await conn.execute(
+            self.q.apply_renames,
+            [r.pk for r in renames],
+            [r.old for r in renames],
+            [r.new for r in renames],
+            self.run_id,
+            [r.survivor_pk for r in renames],
+            [r.old for r in renames],
+        )
+        if int(status.split()[-1]) != len(renames):
+            raise StaleBatch(f"expected {len(renames)} renames, wrote {status}")
+
+    # --- a giant group: more losers than one batch --------------------------------------
+
+    def _is_giant(self, g: _Progress) -> bool:
+        return g.count - 1 > max(self.sizer.size, GIANT_GROUP_MIN_LOSERS)
+
+    async def _work_off(self, key: str, g: _Progress) -> None:
+        """A group larger than a batch, in O(its rows) in all and flat memory: its survivor is
+        decided once (by --keep order) and its losers streamed to a file, then renamed in chunks
+        of the batch size, each one short transaction under the key's advisory lock that re-reads
+        only its own rows by primary key, with the survivor check of every batch. A pass after
+        that picks up rows that joined the group meanwhile (at most MAX_GROUP_PASSES passes);
+        a survivor the application deleted or re-keyed starts a pass over what is left.
+
+        An interrupted run's checkpoint has not passed the group: a resume finds it again with
+        only its unrenamed rows, keeps the same survivor and goes on from there."""
+        for n in range(MAX_GROUP_PASSES):
+            if self.before_batch is not None:
+                await self.before_batch()
+            found: list[tuple[Row | None, DiskList[Any]]] = []
+
+            async def decide(found: list[tuple[Row | None, DiskList[Any]]] = found) -> list[str]:
+                found.append(await self._decide(key, g))
+                return []
+
+            await self._with_retries([key], {key: g}, decide)
+            if g.skipped or not found:
+                return
+            survivor, losers = found[-1]
+            try:
+                if survivor is None or not losers:
+                    if n == 0:
+                        # gone or single since the scan (rows unplaceable in a pass count there)
+                        self.stats.skip("no_longer_duplicate", max(g.count - 1, 0))
+                    break
+                g.count = 1 + len(losers) + len(g.decided)
+                log.info("giant group", key=key[:80], losers=len(losers), survivor=str(survivor.pk))
+                await self._chunks(key, g, survivor, losers)
+            finally:
+                losers.close()
+            if g.skipped or not self.apply:
+                return  # a dry run plans each loser once
+        else:
+            log.warning(
+                "rows kept joining a giant group while it was renamed; enforce converges on "
+                "the rest",
+                key=key[:80],
+                passes=MAX_GROUP_PASSES,
+            )
+        self.stats.groups_done += 1
+
+    async def _decide(self, key: str, g: _Progress) -> tuple[Row | None, DiskList[Any]]:
+        """The group's survivor and its other rows (on disk), from one snapshot; no lock: each
+        chunk re-checks both under the key's lock."""
+        losers: DiskList[Any] = DiskList(directory=self.spool_dir)
+        try:
+            async with (
+                self.pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                await conn.fetch(*self.settings)
+                first = await conn.fetchrow(self.q.group_survivor, key)
+                if first is None:
+                    return None, losers
+                async for r in conn.cursor(
+                    self.q.group_losers, key, first["pk"], prefetch=LOSERS_PREFETCH
+                ):
+                    if r["pk"] not in g.decided:
+                        losers.append(r["pk"])
+        except BaseException:
+            losers.close()
+            raise
+        return Row(first["pk"], first["k"]), losers
+
+    async def _chunks(self, key: str, g: _Progress, survivor: Row, losers: DiskList[Any]) -> None:
+        """Rename the listed losers, a batch-size chunk a transaction, until the list ends, the
+        group is skipped or its survivor no longer holds the value."""
+        while not g.skipped:
+            pks = losers.take(self.sizer.size)
+            if not pks:
+                return
+            outcome: list[bool] = []
+
+            async def once(pks: list[Any] = pks, outcome: list[bool] = outcome) -> list[str]:
+                outcome.append(await self._chunk_once(key, g, survivor, pks))
+                return []
+
+            await self._with_retries([key], {key: g}, once)
+            if outcome and not outcome[-1]:
+                return  # the survivor is gone: the next pass decides again
+
+    async def _chunk_once(self, key: str, g: _Progress, survivor: Row, pks: list[Any]) -> bool:
+        """One chunk's transaction; False when the survivor no longer holds the value."""
+        if self.before_batch is not None:
+            await self.before_batch()
+        started = anyio.current_time()
+        async with self.pool.acquire() as conn, conn.transaction(readonly=not self.apply):
+            await conn.fetch(*self.settings)
+            if self.apply:
+                await conn.fetch(self.q.lock_keys, [key], self.target.lock_prefix)
+            rows = await conn.fetch(self.q.read_chunk, pks, key, survivor.pk)
+            if not any(r["survivor"] for r in rows):
+                return False
+            # rows the application changed since the list was made are no longer the group's
+            current = tuple(Row(r["pk"], r["k"]) for r in rows if not r["survivor"])
+            renames, unplaceable = await self._assign(conn, [GroupPlan(key, survivor, current, 0)])
+            if self.apply and renames:
+                await self._rename(conn, renames)
+        # the group stays "left over" until _work_off has seen it through
+        result = TxResult(renames, [], unplaceable, [key])
+        self._account([key], {key: g}, result, anyio.current_time() - started)
+        return True
 
     async def _assign(
         self, conn: Conn, plans: list[GroupPlan]

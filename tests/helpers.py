@@ -13,7 +13,7 @@ import sys
 from collections.abc import Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -23,6 +23,7 @@ __all__ = [
     "EPOCH",
     "REPO_ROOT",
     "create_payments",
+    "dsn_as",
     "dsn_with_database",
     "execute",
     "fetch",
@@ -93,6 +94,14 @@ def dsn_with_database(dsn: str, database: str) -> str:
     if fragment:
         url += "#" + fragment
     return url
+
+
+def dsn_as(dsn: str, user: str, password: str | None = None) -> str:
+    """The same server and database as ``dsn``, another role (and password)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rpartition("@")[2]
+    auth = quote(user, safe="") + (f":{quote(password, safe='')}" if password is not None else "")
+    return urlunsplit((parts.scheme, f"{auth}@{host}", parts.path, parts.query, parts.fragment))
 
 
 def _qualified(table: str, schema: str | None) -> str:

@@ -1,8 +1,11 @@
 """The impact governor: the controller's arithmetic (pure, no database), and one real run paced
 by its probe against real PostgreSQL: baseline first, figures in the summary and `status`, the
-budget changed live with `set --max-impact`."""
+budget changed live with `set --max-impact`; and undo paced the same, its summary (human and
+`--format json`) with the same figures."""
 
 from __future__ import annotations
+
+import json
 
 import anyio
 import anyio.lowlevel
@@ -25,7 +28,7 @@ from bulkdedupe.governor import (
 )
 from tests.factories import apply_cfg, connect, duplicate_groups
 from tests.faults_support import slow_down_renames
-from tests.helpers import create_payments, fetch
+from tests.helpers import create_payments, fetch, run_cli
 
 BASE = 4.0  # ms: a baseline above the floor, so the budget is RATIO x this
 QUIET = [BASE] * MIN_SAMPLES  # probes at the baseline: room to grow
@@ -207,3 +210,37 @@ async def test_undo_is_paced_by_the_governor_too(dsn: str) -> None:
     beats = await fetch(dsn, "SELECT run_id, beat FROM bulkdedupe.heartbeat")
     assert [r["run_id"] for r in beats] == [result.run_id]  # the undo's own probe
     assert beats[0]["beat"] >= 3
+    # its summary has the impact figures a run's has, and says them
+    assert result.impact_baseline_ms is not None
+    assert result.impact_baseline_ms >= BASELINE_FLOOR_MS
+    assert result.impact_p99_ms is not None
+    assert result.impact_p99_ms > 0
+    assert result.impact_target == 3.0
+    assert "(budget 3x)" in result.to_text()
+    assert result.to_json()["impact_target"] == 3.0
+    # ... and so does `status` of the finished undo, from its runs row
+    assert result.run_id is not None
+    finished = await control.status(cfg, result.run_id)
+    assert (finished.impact_target, finished.impact_baseline_ms) == (
+        3.0,
+        result.impact_baseline_ms,
+    )
+
+
+async def test_undo_summary_in_json_carries_the_impact_figures(dsn: str) -> None:
+    await create_payments(dsn, rows=[(f"j{i:03d}",) for i in range(40) for _ in range(2)])
+    summary = await pipeline.run(connect(dsn), apply_cfg())  # --max-impact off (the suite's)
+    undo = ["undo", "-d", dsn, "--run-id", summary.run_id, "--format", "json"]
+    paced = ["--max-impact", "3", "--impact-baseline", "0.3s", "--impact-remeasure", "off"]
+
+    dry = run_cli(*undo, *paced)  # a dry run writes nothing: no probe, no figures
+    applied = run_cli(*undo, "--apply", *paced)
+
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout)["impact_target"] is None
+    assert applied.returncode == 0, applied.stderr
+    out = json.loads(applied.stdout)
+    assert out["restored"] == 40
+    assert out["impact_target"] == 3.0
+    assert out["impact_baseline_ms"] >= BASELINE_FLOOR_MS
+    assert out["impact_p99_ms"] > 0

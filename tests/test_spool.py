@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bulkdedupe.spool import Spool
+from bulkdedupe.spool import DiskList, Spool
 
 pytestmark = pytest.mark.anyio
 
@@ -70,3 +72,30 @@ async def test_disk_budget_applies_backpressure() -> None:
         await spool.put(b"w")  # room again
     spool.close()
     assert [await spool.get(), await spool.get(), await spool.get()] == [b"z" * 1_500, b"w", None]
+
+
+def test_disk_list_returns_every_item_once_in_order_across_records(tmp_path: Path) -> None:
+    items: DiskList[int] = DiskList(record_items=7, directory=str(tmp_path))
+    for i in range(100):
+        items.append(i)
+    assert len(items) == 100
+    assert len(items._buffer) == 2  # 14 full records went to disk; the last 2 items not yet
+    taken: list[int] = []
+    for n in (1, 6, 7, 30, 100):
+        chunk = items.take(n)
+        assert len(chunk) == min(n, 100 - len(taken))
+        taken += chunk
+    assert taken == list(range(100))
+    assert items.take(5) == []
+    items.close()
+    assert items.take(5) == []
+
+
+def test_disk_list_holds_only_one_record_in_memory() -> None:
+    items: DiskList[int] = DiskList(record_items=1000)
+    for i in range(25_000):
+        items.append(i)
+    assert len(items._buffer) == 0  # everything appended so far is on disk
+    assert items.take(1500) == list(range(1500))
+    assert len(items._reading) == 500  # the rest of the second record, no more
+    items.close()

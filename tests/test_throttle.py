@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from bulkdedupe.config import ThrottleConfig
 from bulkdedupe.control import validate_settings
 from bulkdedupe.errors import UsageError
+from bulkdedupe.pace import Pace, TokenBucket
 from bulkdedupe.progress import Stats
 from bulkdedupe.throttle import (
     ARCHIVE_BACKLOG_SEGMENTS,
@@ -19,7 +20,6 @@ from bulkdedupe.throttle import (
     Sample,
     Stopping,
     Throttle,
-    TokenBucket,
     Verdict,
     archive_backlog,
     decide,
@@ -338,23 +338,15 @@ def test_validate_settings() -> None:
 async def test_knobs_apply_settings_where_they_act() -> None:
     from structlog.testing import capture_logs
 
-    from bulkdedupe.batching import BatchSizer, LockBudget
     from bulkdedupe.control import Knobs
 
     stats = Stats()
-    sizer = BatchSizer(target=None, minimum=10, maximum=1000)
-    limiter = anyio.CapacityLimiter(1)
-    throttle = Throttle(ThrottleConfig(), stats, anyio.Event())
-    knobs = Knobs(
-        sizer=sizer,
-        budget=LockBudget(None),
-        limiter=limiter,
-        throttle=throttle,
-        stats=stats,
-        batch_size=1000,
-        concurrency=4,
-        concurrency_while_scanning=1,
+    pace = Pace(
+        stats=stats, batch_size=1000, min_batch_size=10, concurrency=4, concurrency_while_scanning=1
     )
+    sizer, limiter = pace.sizer, pace.limiter
+    throttle = Throttle(ThrottleConfig(), stats, anyio.Event(), pace)
+    knobs = Knobs(pace=pace, throttle=throttle)
     assert limiter.total_tokens == 1  # while scanning
     with capture_logs() as logs:
         knobs.apply({"batch_size": 7, "concurrency": 6, "max_rate": 250.0, "sleep": 0.1})
@@ -365,26 +357,31 @@ async def test_knobs_apply_settings_where_they_act() -> None:
     assert (sizer.maximum, sizer.size, sizer.minimum) == (7, 7, 7)
     assert stats.batch_size == 7
     assert limiter.total_tokens == 1  # still scanning: concurrency-while-scanning rules
-    knobs.scan_finished()
+    pace.scan_finished()  # the pipeline tells the pace, not `set`
     assert limiter.total_tokens == 6
-    assert throttle.bucket is not None
-    assert throttle.bucket.rate == 250.0
+    # --max-rate acts in the pace: 250 rows renamed cost a second
+    assert (throttle.limits.max_rate, pace.max_rate) == (250.0, 250.0)
+    assert pace.delay() == 0.0
+    stats.renamed = 250
+    assert pace.delay() == pytest.approx(1.0, abs=0.05)
     assert throttle.limits.sleep == 0.1
     knobs.apply({"concurrency": 2, "max_rate": None})
     assert limiter.total_tokens == 2
-    assert throttle.bucket is None
-    # adaptive sizing: the size is clamped under a lower ceiling, never raised to it
-    adaptive = BatchSizer(target=0.25, minimum=10, maximum=1000, size=300)
-    knobs.sizer = adaptive
-    knobs.apply({"batch_size": 500})
-    assert (adaptive.maximum, adaptive.size) == (500, 300)
-    knobs.apply({"batch_size": 100})
-    assert adaptive.size == 100
+    assert pace.max_rate is None
+    assert pace.delay() == 0.0
     # a hand-written bad value is ignored (and logged), not obeyed
     with capture_logs() as logs:
         knobs.apply({"concurrency": 0})
     assert limiter.total_tokens == 2
     assert logs[0]["event"] == "control settings ignored"
+    # adaptive sizing: the size is clamped under a lower ceiling, never raised to it
+    adaptive = Pace(stats=stats, batch_size=1000, min_batch_size=10, target_batch_time=0.25)
+    adaptive.sizer.size = 300
+    knobs = Knobs(pace=adaptive, throttle=throttle)
+    knobs.apply({"batch_size": 500})
+    assert (adaptive.sizer.maximum, adaptive.sizer.size) == (500, 300)
+    knobs.apply({"batch_size": 100})
+    assert adaptive.sizer.size == 100
 
 
 @pytest.mark.anyio
@@ -393,22 +390,14 @@ async def test_set_batch_size_and_concurrency_go_through_the_lock_budget() -> No
     ceiling, a bigger batch size stays under it, fewer workers let it rise again."""
     from structlog.testing import capture_logs
 
-    from bulkdedupe.batching import BatchSizer, LockBudget
+    from bulkdedupe.batching import LockBudget
     from bulkdedupe.control import Knobs
 
     budget = LockBudget(6400)  # PostgreSQL's defaults: 64 locks x 100 connections
     stats = Stats()
-    sizer = BatchSizer(target=None, minimum=10, maximum=budget.clamp(1000, 1))
-    knobs = Knobs(
-        sizer=sizer,
-        budget=budget,
-        limiter=anyio.CapacityLimiter(1),
-        throttle=Throttle(ThrottleConfig(), stats, anyio.Event()),
-        stats=stats,
-        batch_size=1000,
-        concurrency=1,
-        concurrency_while_scanning=1,
-    )
+    pace = Pace(stats=stats, budget=budget, batch_size=1000, min_batch_size=10, concurrency=1)
+    sizer = pace.sizer
+    knobs = Knobs(pace=pace, throttle=Throttle(ThrottleConfig(), stats, anyio.Event(), pace))
     assert sizer.maximum == 1000  # 1600 allowed for one worker
     with capture_logs() as logs:
         knobs.apply({"concurrency": 8})
