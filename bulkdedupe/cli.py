@@ -55,6 +55,7 @@ from .config import (
     UndoConfig,
     libpq_env_configured,
     parse_column,
+    parse_columns,
     parse_duration,
     parse_keep,
     parse_max_impact,
@@ -126,7 +127,15 @@ def connection_options(f: F) -> F:
         click.option(
             "--pk",
             default=None,
-            help="Unique not-null column identifying rows [default: the primary key].",
+            help="Not-null column(s) with a unique index identifying rows, e.g. --pk id,region "
+            "[default: the primary key, any number of columns].",
+        ),
+        click.option(
+            "--scope",
+            default=None,
+            metavar="COLUMN[,COLUMN...]",
+            help="Columns that, together with --key, must be unique (e.g. --scope merchant_id): "
+            "duplicates are rows equal on all of them; only --key is rewritten.",
         ),
         click.option(
             "--state-schema",
@@ -224,6 +233,17 @@ def disable_triggers_option(f: F) -> F:
         "table's ordinary triggers do not fire for the renames (ENABLE ALWAYS ones do). Needs "
         "superuser or GRANT SET ON PARAMETER session_replication_role; refused when a foreign "
         "key involves the key column.",
+    )(f)
+
+
+def allow_row_movement_option(f: F) -> F:
+    """--allow-row-movement of `run`, `enforce` (its dedupe step) and `undo`."""
+    return click.option(
+        "--allow-row-movement",
+        is_flag=True,
+        help="Rename a key that is (part of) the table's partition key: each rename moves its "
+        "row to another partition (a delete and an insert), and an application transaction "
+        "updating that row at the same moment fails with a serialization error.",
     )(f)
 
 
@@ -392,7 +412,8 @@ def make_connect(kw: dict[str, Any], *, need_url: bool = True) -> ConnectConfig:
         database_url=url,
         table=parse_table(kw.pop("table")),
         key=parse_column(kw.pop("key"), "--key"),
-        pk=parse_column(pk, "--pk") if (pk := kw.pop("pk")) else None,
+        pk=parse_columns(pk, "--pk") if (pk := kw.pop("pk")) else None,
+        scope=parse_columns(scope, "--scope") if (scope := kw.pop("scope", None)) else (),
         state_schema=parse_column(kw.pop("state_schema"), "--state-schema"),
         connect_timeout=kw.pop("connect_timeout"),
     )
@@ -608,6 +629,7 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
     "--keep-scan-index", is_flag=True, help="Keep the index built by --create-scan-index."
 )
 @disable_triggers_option
+@allow_row_movement_option
 @throttle_options
 @impact_options
 @scan_options
@@ -631,6 +653,7 @@ def run(
     create_scan_index: bool,
     keep_scan_index: bool,
     disable_triggers: bool,
+    allow_row_movement: bool,
     scan_page_size: int,
     scanners: int,
     fmt: str,
@@ -660,6 +683,7 @@ def run(
         create_scan_index=create_scan_index,
         keep_scan_index=keep_scan_index,
         disable_triggers=disable_triggers,
+        allow_row_movement=allow_row_movement,
         throttle=make_throttle(kw),
         impact=make_impact(kw),
         scan=ScanConfig(
@@ -740,6 +764,7 @@ def run(
     help="Worker connections when renaming late duplicates.",
 )
 @disable_triggers_option
+@allow_row_movement_option
 @impact_options
 @format_option
 @handle_errors
@@ -753,6 +778,7 @@ def enforce(
     batch_size: int,
     concurrency: int,
     disable_triggers: bool,
+    allow_row_movement: bool,
     fmt: str,
     **kw: Any,
 ) -> int:
@@ -771,6 +797,7 @@ def enforce(
             batch_size=batch_size,
             concurrency=concurrency,
             disable_triggers=disable_triggers,
+            allow_row_movement=allow_row_movement,
             impact=make_impact(kw),
         ),
     )
@@ -800,6 +827,7 @@ def enforce(
 )
 @batch_transaction_options
 @disable_triggers_option
+@allow_row_movement_option
 @impact_options
 @format_option
 @handle_errors
@@ -812,6 +840,7 @@ def undo(
     max_retries: int,
     wal_compression: str,
     disable_triggers: bool,
+    allow_row_movement: bool,
     fmt: str,
     **kw: Any,
 ) -> int:
@@ -827,6 +856,7 @@ def undo(
         max_retries=max_retries,
         wal_compression=wal_compression,
         disable_triggers=disable_triggers,
+        allow_row_movement=allow_row_movement,
         impact=make_impact(kw),
     )
     summary = run_async(lambda: undo_run(cfg, ucfg, handle_signals=True))
@@ -872,8 +902,9 @@ def runs(limit: int, fmt: str, **kw: Any) -> int:
 @format_option
 @handle_errors
 def init_state(print_sql: bool, role: str | None, fmt: str, **kw: Any) -> int:
-    """Create the state schema (runs, audit trail, control) as a privileged role, and with
-    --role grant a least-privileged role what it needs; --print-sql prints that SQL instead."""
+    """Create the state schema (runs, audit trail, control) as a privileged role, or upgrade
+    in place one an earlier release made, and with --role grant a least-privileged role what
+    it needs; --print-sql prints that SQL instead."""
     cfg = make_connect(kw, need_url=not print_sql)
     grantee = parse_role(role) if role is not None else None
     if print_sql:
@@ -883,7 +914,10 @@ def init_state(print_sql: bool, role: str | None, fmt: str, **kw: Any) -> int:
     return EXIT_OK
 
 
-_REPORT_FIELDS = ("id", "pk", "old_value", "new_value", "changed_at")
+def _report_fields(pk_columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The CSV header: one `pk` field, or for a composite key one `pk.<column>` per column."""
+    pk = ("pk",) if len(pk_columns) <= 1 else tuple(f"pk.{c}" for c in pk_columns)
+    return ("id", *pk, "old_value", "new_value", "changed_at")
 
 
 def _report_page(page: list[Change], fmt: str) -> str:
@@ -893,11 +927,19 @@ def _report_page(page: list[Change], fmt: str) -> str:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerows(
-            (c.id, c.pk, c.old_value, c.new_value, c.changed_at.isoformat()) for c in page
+            (
+                c.id,
+                *((c.pk,) if c.pk_values is None else c.pk_values.values()),
+                c.old_value,
+                c.new_value,
+                c.changed_at.isoformat(),
+            )
+            for c in page
         )
         return buf.getvalue()
     return "".join(
-        f"  {c.pk:>12}  {c.changed_at:%Y-%m-%d %H:%M:%S}  {c.old_value!r} -> {c.new_value!r}\n"
+        f"  {c.pk_shown:>12}  {c.changed_at:%Y-%m-%d %H:%M:%S}  "
+        f"{c.old_value!r} -> {c.new_value!r}\n"
         for c in page
     )
 
@@ -923,7 +965,9 @@ def report(run_id: str, fmt: str, **kw: Any) -> int:
         async with open_report(cfg, run_id) as rep:
             r = rep.run
             if fmt == "csv":
-                out.write(",".join(_REPORT_FIELDS) + "\n")
+                buf = io.StringIO()
+                csv.writer(buf, lineterminator="\n").writerow(_report_fields(r.pk_columns))
+                out.write(buf.getvalue())
             elif fmt == "table":
                 out.write(
                     f"run {r.run_id} ({r.command}, {r.status}) on {r.table}.{r.key}: "

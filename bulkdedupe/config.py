@@ -110,6 +110,27 @@ def parse_column(text: str, what: str) -> str:
     return parts[0]
 
 
+def parse_columns(text: str, what: str) -> tuple[str, ...]:
+    """`id`, `id, merchant_id`, `"Id",region` -> the column names as stored, in order. Commas
+    inside double quotes belong to the name."""
+    items: list[str] = []
+    buf: list[str] = []
+    quoted = False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            items.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+    items.append("".join(buf))
+    names = tuple(parse_column(item, what) for item in items)
+    if len(set(names)) != len(names):
+        raise UsageError(f"{what} {text!r}: a column is named twice")
+    return names
+
+
 # Role specifications GRANT treats as key words, and the reserved pg_ prefix: never a role to
 # hand bulkdedupe's privileges to.
 _NOT_A_ROLE = frozenset({"public", "none", "current_user", "current_role", "session_user"})
@@ -262,18 +283,36 @@ class ConnectConfig:
     database_url: str
     table: Name = field(default_factory=lambda: Name(None, DEFAULT_TABLE))
     key: str = DEFAULT_KEY
-    pk: str | None = None
+    # the column(s) identifying a row (--pk a,b); a single name may be given as a string
+    pk: str | tuple[str, ...] | None = None
+    # --scope: the columns that, with the key, must be unique (groups: rows equal on all of them)
+    scope: tuple[str, ...] = ()
     state_schema: str = DEFAULT_STATE_SCHEMA
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
 
     def __post_init__(self) -> None:
         if self.connect_timeout <= 0:
             raise UsageError("--connect-timeout must be greater than zero")
+        if isinstance(self.pk, tuple) and not self.pk:
+            raise UsageError("--pk: name at least one column")
+        if self.key in self.scope:
+            raise UsageError(
+                f"--scope {','.join(self.scope)}: names the key {self.key} itself; the scope "
+                "is the other columns that, with --key, must be unique"
+            )
+
+    @property
+    def pk_columns(self) -> tuple[str, ...] | None:
+        """--pk as a tuple of column names (None: the table's primary key)."""
+        if self.pk is None:
+            return None
+        return (self.pk,) if isinstance(self.pk, str) else self.pk
 
     def __repr__(self) -> str:  # never show the password, not even in a debug log
         return (
             f"ConnectConfig(database_url={redact_dsn(self.database_url)!r}, table={self.table}, "
-            f"key={self.key!r}, pk={self.pk!r}, state_schema={self.state_schema!r})"
+            f"key={self.key!r}, pk={self.pk!r}, scope={self.scope!r}, "
+            f"state_schema={self.state_schema!r})"
         )
 
 
@@ -429,6 +468,8 @@ class RunConfig:
     # SET LOCAL session_replication_role = replica in each batch: the table's ordinary
     # triggers do not fire for the renames (needs superuser or GRANT SET ON PARAMETER)
     disable_triggers: bool = False
+    # rename a key that partitions the table: each rename moves its row to another partition
+    allow_row_movement: bool = False
     max_retries: int = DEFAULT_MAX_RETRIES
     create_scan_index: bool = False
     keep_scan_index: bool = False
@@ -512,6 +553,7 @@ class UndoConfig:
     statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
     wal_compression: str = DEFAULT_WAL_COMPRESSION
     disable_triggers: bool = False  # the restores in replica mode, as `run --disable-triggers`
+    allow_row_movement: bool = False  # as `run --allow-row-movement`: restores move rows back
     max_retries: int = DEFAULT_MAX_RETRIES
     sample_size: int = 10
     impact: ImpactConfig = field(default_factory=ImpactConfig)  # paces --apply as `run` does

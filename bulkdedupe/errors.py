@@ -8,6 +8,7 @@
     ├── PrivilegeError           the role lacks a privilege the command needs
     ├── ReadOnlyError            --apply against a read-only server or database
     ├── RunStateError            a --run-id that cannot be resumed, or is running elsewhere
+    ├── StateVersionError        the state schema was made by a newer bulkdedupe
     └── InternalError            exit 4: a bug in bulkdedupe (traceback with --log-level debug)
 
 Every message is one actionable line. Driver errors cross into this tree at one boundary,
@@ -68,6 +69,15 @@ class ReadOnlyError(BulkDedupeError):
 
 class RunStateError(BulkDedupeError):
     """The run cannot be resumed."""
+
+
+class StateVersionError(BulkDedupeError):
+    """The state schema is at a version this bulkdedupe does not know; nothing was changed."""
+
+    def __init__(self, message: str, *, found: int, supported: int) -> None:
+        super().__init__(message)
+        self.found = found
+        self.supported = supported
 
 
 class InternalError(BulkDedupeError):

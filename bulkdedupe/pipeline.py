@@ -50,10 +50,15 @@ FLUSH_AFTER = 0.5  # seconds a partly filled batch may wait for more groups
 
 
 def _no_index_error(target: Target) -> TargetError:
+    if target.partitions is not None:
+        return catalog.partition_index_error(target)
+    cols = (*target.scope, target.key)
+    what = f"({', '.join(cols)})" if target.scope else target.key
     return TargetError(
-        f"{target.display}.{target.key} has no usable btree index to scan; create one with "
-        f"CREATE INDEX CONCURRENTLY ON {target.qualified} ({sql.quote_ident(target.key)}), "
-        "or pass --create-scan-index to `run`"
+        f"{target.display}.{target.key} has no usable btree index to scan"
+        f"{' on ' + what + ' (leading columns, any order)' if target.scope else ''}; create "
+        f"one with CREATE INDEX CONCURRENTLY ON {target.qualified} "
+        f"({', '.join(sql.quote_ident(c) for c in cols)}), or pass --create-scan-index to `run`"
     )
 
 
@@ -161,6 +166,7 @@ async def scan(cfg: ConnectConfig, scan_cfg: ScanConfig = ScanConfig()) -> ScanR
         largest_groups=top.largest(),
         duration_s=stats.elapsed(),
         update_triggers=update_triggers,
+        scope=target.scope,
     )
 
 
@@ -433,8 +439,9 @@ async def _refuse_before_writing(
     if run_cfg.throttle.watches_database:
         # a broken --throttle-query or --replica-url fails here, before anything changes
         await sampler.check(control, run_cfg.throttle)
+    catalog.check_row_movement(target, run_cfg.allow_row_movement)  # the dry run too
     if target.scan_index is None:
-        if not run_cfg.create_scan_index:
+        if not run_cfg.create_scan_index or target.partitions is not None:
             raise _no_index_error(target)
         if not run_cfg.apply:
             raise UsageError("--create-scan-index writes (it builds an index): use it with --apply")
@@ -499,6 +506,7 @@ def _run_options(run_cfg: RunConfig, wal_method: str | None) -> dict[str, Any]:
         "statement_timeout": run_cfg.statement_timeout,
         "wal_compression": wal_method or "server",
         "disable_triggers": run_cfg.disable_triggers,
+        "allow_row_movement": run_cfg.allow_row_movement,
         "throttle": _throttle_options(run_cfg),
     }
 
@@ -1003,7 +1011,9 @@ def resume_command(cfg: ConnectConfig, target: Target, run_id: str) -> str:
         _cli_ident(target.key),
     ]
     if cfg.pk is not None:
-        args += ["--pk", _cli_ident(target.pk)]
+        args += ["--pk", ",".join(_cli_ident(c) for c in target.pk_columns)]
+    if target.scope:
+        args += ["--scope", ",".join(_cli_ident(c) for c in target.scope)]
     if cfg.state_schema != DEFAULT_STATE_SCHEMA:
         args += ["--state-schema", _cli_ident(cfg.state_schema)]
     args += ["--run-id", run_id]

@@ -3,6 +3,7 @@ deterministic candidate values for a renamed row that fit the column's declared 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ MAX_ATTEMPTS = 50
 class Row(NamedTuple):
     pk: Any
     value: str
+    group: str | None = None  # with --scope: the row's group (scope values and key, as JSON)
 
 
 class GroupPlan(NamedTuple):
@@ -40,7 +42,11 @@ def group_rows(rows: Sequence[Row], *, char_semantics: bool = False) -> list[lis
     groups: list[list[Row]] = []
     last = ""
     for row in rows:
-        key = equality_key(row.value, char_semantics=char_semantics)
+        key = (
+            row.group
+            if row.group is not None
+            else equality_key(row.value, char_semantics=char_semantics)
+        )
         if groups and key == last:
             groups[-1].append(row)
         else:
@@ -76,7 +82,12 @@ def plan_groups(
     single: list[str] = []
     for group in group_rows(rows, char_semantics=char_semantics):
         first = group[0]
-        key = spelling.get(equality_key(first.value, char_semantics=char_semantics), first.value)
+        if first.group is not None:
+            key = first.group  # spelled by the same SQL as the scan's
+        else:
+            key = spelling.get(
+                equality_key(first.value, char_semantics=char_semantics), first.value
+            )
         if len(group) < 2:
             single.append(key)
             continue
@@ -90,6 +101,12 @@ def plan_groups(
         plans.append(GroupPlan(key, first, losers, len(open_) - take))
         budget -= take
     return plans, single
+
+
+def pk_label(pk: Any, *, composite: bool) -> Any:
+    """What `{pk}` renders: the primary key's value, or for a composite key (carried as the JSON
+    array of its columns' text forms) those texts joined by `-`: `7-eu`."""
+    return "-".join(json.loads(pk)) if composite else pk
 
 
 def render(template: str, value: str, pk: Any) -> str:

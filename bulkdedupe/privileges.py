@@ -12,7 +12,11 @@ What each command needs (docs/privileges.md tells the whole story):
     enforce, --create-scan-index   ownership of the table (no GRANT allows CREATE INDEX)
 
 Everything about the state schema is derived from `StateSql.create`, so a table added there is
-checked and granted without touching this module.
+checked and granted without touching this module. So is its upgrade: a state schema at an older
+`StateSql.VERSION` is brought up to date by the statements of `create` it lacks, then marked
+(`upgrade_statements`), by whichever command writes to it first, when the role may (it owns the
+runs table), else by a DBA with the SQL of `init-state --print-sql`. Readers never upgrade, and
+nothing touches a state schema newer than this release knows.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ import asyncpg
 from . import catalog, db, errors, sql
 from .config import DEFAULT_STATE_SCHEMA, ConnectConfig
 from .db import Conn
-from .errors import PrivilegeError, UsageError
+from .errors import BulkDedupeError, PrivilegeError, StateVersionError, UsageError
 from .results import InitStateResult
 
 STATE_WRITE = ("SELECT", "INSERT", "UPDATE")
 STATE_READ = ("SELECT",)
+UPGRADE_LOCK_TIMEOUT = "5s"  # see sql.STATE_UPGRADE_LOCK_TIMEOUT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,9 +70,19 @@ class StateAccess:
     missing: tuple[sql.StateObject, ...]  # created by the DDL but not there (yet)
     tables: tuple[TableAccess, ...]  # the state tables that exist
     sequences: tuple[SequenceAccess, ...]  # behind their serial columns
+    # The state's version (sql.StateSql.mark_version), None while there is no runs table; and
+    # whether this role may upgrade it in place (it owns runs, or is a member of the owner).
+    version: int | None = None
+    runs_owned: bool = False
+    runs_owner: str | None = None
 
     def has(self, qualified: str) -> bool:
         return any(t.qualified == qualified for t in self.tables)
+
+    @property
+    def outdated(self) -> bool:
+        """A state schema an earlier release made, which this one upgrades before writing."""
+        return self.version is not None and self.version < sql.StateSql.VERSION
 
 
 async def inspect_state(conn: Conn, st: sql.StateSql) -> StateAccess:
@@ -126,6 +141,9 @@ async def inspect_state(conn: Conn, st: sql.StateSql) -> StateAccess:
             SequenceAccess(schema=r["schema"], name=r["name"], usable=r["can_use"])
             for r in seq_rows
         ),
+        version=sql.parse_state_version(head["runs_comment"]) if head["runs_exists"] else None,
+        runs_owned=head["runs_owned"],
+        runs_owner=head["runs_owner"],
     )
 
 
@@ -133,6 +151,56 @@ def missing_statements(access: StateAccess, st: sql.StateSql) -> list[str]:
     """The DDL statements that create something not there yet, in order."""
     missing = set(access.missing)
     return [stmt for stmt, objs in st.objects if any(o in missing for o in objs)]
+
+
+def upgrade_statements(access: StateAccess, st: sql.StateSql) -> list[str]:
+    """What brings the state schema to this release's version: the DDL statements that create
+    what is missing, then (on a new or older state) the version marker. Empty: up to date."""
+    stmts = missing_statements(access, st)
+    if access.version is None or access.outdated:
+        stmts.append(st.mark_version)
+    return stmts
+
+
+def require_known_version(access: StateAccess) -> None:
+    """StateVersionError when a newer bulkdedupe made (or upgraded) the state schema: its
+    tables may mean what this release cannot know, so no command reads or writes them."""
+    found, known = access.version, sql.StateSql.VERSION
+    if found is not None and found > known:
+        raise StateVersionError(
+            f"the state schema {access.schema} is at version {found}, newer than this "
+            f"bulkdedupe knows (up to {known}); use the bulkdedupe release that upgraded it, or "
+            "a newer one (nothing was changed)",
+            found=found,
+            supported=known,
+        )
+
+
+def _upgrade_refused(access: StateAccess, why: str) -> PrivilegeError:
+    return PrivilegeError(
+        f"the state schema {access.schema} is at version {access.version} and this bulkdedupe "
+        f"needs version {sql.StateSql.VERSION}; role {access.role} may not upgrade it in place "
+        f"({why}); have a DBA run the SQL of "
+        f"`{_init_command(access.schema, access.role, print_sql=True)}` (one transaction, no "
+        f"data changed), or run `{_init_command(access.schema, access.role)}` as the owner; "
+        "nothing was changed"
+    )
+
+
+def ddl_refused(access: StateAccess, exc: BaseException) -> PrivilegeError:
+    """The DDL that brings the state up to date was refused (the checks before it could not
+    tell): what to do instead. Nothing was changed."""
+    return _upgrade_refused(access, str(exc)) if access.outdated else create_error(access, exc)
+
+
+def require_upgrade(access: StateAccess) -> None:
+    """Before upgrading an older state schema in place: may this role? ALTER TABLE and
+    COMMENT ON its runs table are for the table's owner; PrivilegeError naming the fix if not."""
+    if access.outdated and not access.runs_owned:
+        raise _upgrade_refused(
+            access,
+            f"only the owner of {access.schema}.runs, {access.runs_owner}, may alter it",
+        )
 
 
 def _init_command(schema: str, role: str, *, print_sql: bool = False) -> str:
@@ -215,8 +283,37 @@ async def check_state(conn: Conn, st: sql.StateSql, *, write: bool) -> bool:
     access = await inspect_state(conn, st)
     if not (access.has(st.runs) and access.has(st.changes)):
         return False
+    require_known_version(access)
+    if write:  # the command will upgrade an older state before it records anything
+        require_upgrade(access)
     require_state(access, write=write)
     return True
+
+
+async def bring_up_to_date(conn: Conn, st: sql.StateSql) -> tuple[StateAccess, list[str]]:
+    """Within the caller's transaction: take the DDL lock, look again (another session may
+    have created or upgraded the state meanwhile), refuse a newer version, and run what brings
+    the state to this release's version. Returns the state as found under the lock, and the
+    statements run (none: it was up to date). Any failure leaves it as it was; a statement the
+    role may not run raises the driver's InsufficientPrivilegeError, for the caller to say what
+    to do instead (`ddl_refused`, or init-state's own message)."""
+    await conn.execute(sql.STATE_DDL_LOCK)
+    access = await inspect_state(conn, st)
+    require_known_version(access)
+    stmts = upgrade_statements(access, st)
+    if not stmts:
+        return access, stmts
+    await conn.execute(sql.STATE_UPGRADE_LOCK_TIMEOUT, UPGRADE_LOCK_TIMEOUT)
+    try:
+        for stmt in stmts:
+            await conn.execute(stmt)
+    except asyncpg.LockNotAvailableError as exc:
+        raise BulkDedupeError(
+            f"could not lock the state tables of {access.schema} within {UPGRADE_LOCK_TIMEOUT} "
+            f"to upgrade them to version {st.VERSION} (another session is using them; see "
+            "pg_locks); nothing was changed: try again"
+        ) from exc
+    return access, stmts
 
 
 # --- init-state ----------------------------------------------------------------------------
@@ -269,11 +366,19 @@ def init_script(cfg: ConnectConfig, *, role: str | None) -> str:
         + ("," if role else ":"),
         *(["-- and grant on the table (its owner, or a superuser):"] if role else []),
         "--   psql -v ON_ERROR_STOP=1 -f this-file.sql",
+        f"-- It also upgrades, in place, a state schema an earlier release made, to version "
+        f"{st.VERSION}.",
         "BEGIN;",
         "",
-        "-- what `bulkdedupe run --apply` would otherwise create on first use",
+        "-- one upgrade at a time (bulkdedupe's own take the same lock), and none of a state",
+        "-- schema a newer bulkdedupe made",
+        f"{sql.state_upgrade_guard(st.schema, st.VERSION)};",
+        "",
+        "-- what `bulkdedupe run --apply` would otherwise create on first use; of a state schema",
+        "-- an earlier release made, what it lacks (every statement is IF NOT EXISTS)",
     ]
     lines += [f"{_tidy(stmt)};" for stmt in st.create]
+    lines += ["", "-- the state schema's version, which bulkdedupe reads", f"{st.mark_version};"]
     if not role:
         lines += [
             "",
@@ -340,10 +445,7 @@ async def init_state(cfg: ConnectConfig, *, role: str | None = None) -> InitStat
                 target = await catalog.resolve(conn, cfg)
             granted: list[str] = []
             async with conn.transaction():
-                await conn.execute(sql.STATE_DDL_LOCK)
-                access = await inspect_state(conn, st)
-                for stmt in missing_statements(access, st):
-                    await conn.execute(stmt)
+                access, _ = await bring_up_to_date(conn, st)
                 if target is not None and role is not None:
                     seqs = await conn.fetch(
                         sql.STATE_SEQUENCES,
@@ -370,4 +472,6 @@ async def init_state(cfg: ConnectConfig, *, role: str | None = None) -> InitStat
         created=tuple(_display(o) for o in access.missing if o.kind != "statement"),
         role=role,
         granted=tuple(granted),
+        version=st.VERSION,
+        upgraded_from=access.version if access.outdated else None,
     )

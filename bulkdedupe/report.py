@@ -34,6 +34,7 @@ def _run_info(row: asyncpg.Record, skipped_groups: int = 0) -> RunInfo:
         rows_changed=row["renamed"],
         skipped_groups=skipped_groups,
         options=json.loads(options) if isinstance(options, str) else dict(options or {}),
+        pk_columns=state.recorded_pk(row),
     )
 
 
@@ -78,6 +79,8 @@ class Report:
         """Pages of changes in id order. Each page is its own short query (keyset on id, over
         the (run_id, id) index): no transaction or cursor stays open between pages."""
         after = 0
+        columns = self.run.pk_columns
+        composite = len(columns) > 1
         while True:
             rows = await self._conn.fetch(
                 self._st.changes_page, self.run.run_id, after, self.page_size
@@ -91,6 +94,9 @@ class Report:
                     old_value=r["old_value"],
                     new_value=r["new_value"],
                     changed_at=r["changed_at"],
+                    pk_values=dict(zip(columns, json.loads(r["pk"]), strict=True))
+                    if composite
+                    else None,
                 )
                 for r in rows
             ]

@@ -191,6 +191,9 @@ class ScanReport:
     duration_s: float
     # the table's enabled row-level UPDATE triggers: each fires once per renamed row
     update_triggers: tuple[UpdateTrigger, ...] = ()
+    # --scope: groups are rows equal on these and the key; a group's value is then shown as
+    # the JSON array of the scope's values and the key's
+    scope: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -217,7 +220,8 @@ class ScanReport:
 
     def to_text(self) -> str:
         out = table_text(
-            f"scan of {self.table}.{self.key}",
+            f"scan of {self.table}.{self.key}"
+            + (f", unique per ({', '.join(self.scope)})" if self.scope else ""),
             [
                 ("estimated rows", self.estimated_rows),
                 ("index entries scanned", self.scanned_rows),
@@ -400,6 +404,7 @@ class EnforceAttempt:
     rows_renamed: int = 0
     rows_skipped: int = 0
     dedupe_s: float = 0.0
+    partition: str | None = None  # a partitioned table's: the partition whose index it built
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -420,6 +425,10 @@ class EnforceResult:
     proof: str
     phases: tuple[tuple[str, float], ...]
     duration_s: float
+    # a partitioned table: the partitions' indexes attached under `index` (qualified names);
+    # while not ok, `index` itself stays INVALID (enforce again resumes)
+    partitioned: bool = False
+    partition_indexes: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -438,6 +447,11 @@ class EnforceResult:
             "not_converged": "NOT CONVERGED: duplicates keep arriving",
             "interrupted": "INTERRUPTED: no index left behind",
         }.get(self.status, self.status)
+        if self.partitioned and not self.ok:
+            verdict = verdict.split(":")[0] + (
+                ": the partitioned index stays INVALID (no invalid partition index is left); "
+                "enforce again resumes"
+            )
         rows: list[tuple[str, Any]] = [
             ("index", self.index),
             ("valid / unique", f"{self.index_valid} / {self.index_unique}"),
@@ -446,9 +460,12 @@ class EnforceResult:
         ]
         if self.constraint:
             rows.append(("constraint", f"{self.constraint} ({self.constraint_status})"))
+        if self.partitioned:
+            rows.append(("partition indexes attached", len(self.partition_indexes)))
         rows.append(("attempts", len(self.attempts)))
         for a in self.attempts:
-            line = f"{a.outcome}, build {a.build_s:.2f}s"
+            line = f"{a.partition}: " if a.partition else ""
+            line += f"{a.outcome}, build {a.build_s:.2f}s"
             if a.dedupe_run_id:
                 line += (
                     f"; dedupe run {a.dedupe_run_id}: {a.rows_renamed:,} renamed, "
@@ -539,6 +556,7 @@ class RunInfo:
     rows_changed: int
     options: dict[str, Any]
     skipped_groups: int = 0  # on record as skipped: a resume retries them
+    pk_columns: tuple[str, ...] = ()  # the column(s) its audit's `pk` names (several: composite)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -612,18 +630,28 @@ class RunsList:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One audit row: the key of row `pk` went from `old_value` to `new_value`."""
+    """One audit row: the key of row `pk` went from `old_value` to `new_value`. For a
+    composite primary key, `pk` is the JSON array of its columns' text forms and `pk_values`
+    names them: {"id": "7", "region": "eu"}."""
 
     id: int
     pk: str
     old_value: str
     new_value: str
     changed_at: datetime
+    pk_values: dict[str, str] | None = None
+
+    @property
+    def pk_shown(self) -> str:
+        """The pk for a human: the value, or a composite key's values as (7, eu)."""
+        if self.pk_values is None:
+            return self.pk
+        return "(" + ", ".join(self.pk_values.values()) + ")"
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
-            "pk": self.pk,
+            "pk": self.pk if self.pk_values is None else self.pk_values,
             "old_value": self.old_value,
             "new_value": self.new_value,
             "changed_at": self.changed_at.isoformat(),
@@ -638,15 +666,20 @@ class InitStateResult:
     created: tuple[str, ...]  # e.g. "table bulkdedupe.runs"; empty: everything was there
     role: str | None
     granted: tuple[str, ...]  # the GRANT statements executed
+    version: int | None = None  # of the state schema, now
+    upgraded_from: int | None = None  # the version an earlier release left, upgraded in place
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_text(self) -> str:
+        version = f" (version {self.version})" if self.version is not None else ""
         lines = [
-            f"state schema {self.state_schema} ready",
+            f"state schema {self.state_schema} ready{version}",
             f"  created  {', '.join(self.created) if self.created else 'nothing (all there)'}",
         ]
+        if self.upgraded_from is not None:
+            lines.append(f"  upgraded in place from version {self.upgraded_from}")
         if self.role is not None:
             lines.append(f"  granted to {self.role}:")
             lines += [f"    {g};" for g in self.granted]

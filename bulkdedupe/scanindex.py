@@ -25,8 +25,9 @@ _MAX_IDENT_BYTES = 63
 
 
 def index_name(target: Target) -> str:
-    """`bulkdedupe_scan_<table>_<key>`, cut to the 63 bytes PostgreSQL keeps of a name."""
-    name = f"bulkdedupe_scan_{target.table}_{target.key}"
+    """`bulkdedupe_scan_<table>[_<scope>...]_<key>`, cut to the 63 bytes PostgreSQL keeps of a
+    name."""
+    name = "_".join(("bulkdedupe_scan", target.table, *target.scope, target.key))
     return name.encode()[:_MAX_IDENT_BYTES].decode("utf-8", "ignore")
 
 
@@ -125,7 +126,9 @@ async def _ensure(conn: Conn, target: Target, name: str, *, create: bool) -> Non
     if row is not None:
         await _drop_invalid(conn, target, name, row["oid"])
     log.info("creating scan index concurrently", index=where, table=target.display)
-    await _ddl(conn, sql.create_index_concurrently(name, target.qualified, target.key))
+    await _ddl(
+        conn, sql.create_index_concurrently(name, target.qualified, (*target.scope, target.key))
+    )
 
 
 def _check_definition(row: asyncpg.Record, target: Target, where: str) -> None:
@@ -133,7 +136,8 @@ def _check_definition(row: asyncpg.Record, target: Target, where: str) -> None:
     ours = (
         row["relkind"] in ("i", "I")
         and row["indrelid"] == target.oid
-        and row["first_attnum"] == target.key_attnum
+        and row["first_attnum"] == (target.scope_attnums or (target.key_attnum,))[0]
+        and row["indnkeyatts"] == len(target.scope) + 1
         and row["is_full"]
         and row["is_plain"]
         and row["amname"] == "btree"

@@ -86,8 +86,9 @@ class Page:
 
 async def plan_ranges(conn: Conn, target: Target, scanners: int) -> list[KeyRange]:
     """Split the key space into `scanners` ranges of about equal size, from the planner's
-    histogram (no table read). Without statistics, one range."""
-    if scanners <= 1:
+    histogram (no table read). Without statistics, one range; with --scope, one range (the
+    keyset is over the scan index's leading columns, which have no histogram together)."""
+    if scanners <= 1 or target.scope:
         return [KeyRange(0, None, None)]
     bounds = await conn.fetchval(sql.HISTOGRAM_BOUNDS, target.schema, target.table, target.key)
     if not bounds or len(bounds) < scanners + 1:

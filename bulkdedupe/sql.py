@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .config import OrderItem
 
@@ -48,7 +48,7 @@ WHERE c.oid = to_regclass($1)
 """
 
 TABLE_COLUMNS = """
-SELECT a.attname, a.attnum, t.typname, a.atttypmod, a.attnotnull,
+SELECT a.attname, a.attnum, a.atttypid, t.typname, a.atttypmod, a.attnotnull,
        format_type(a.atttypid, NULL) AS base_type,
        format_type(a.atttypid, a.atttypmod) AS full_type,
        a.attcollation,
@@ -70,11 +70,14 @@ GROUP BY i.indexrelid
 """
 
 # A unique, valid, non-partial single-column index on the column (for a user-given --pk).
-UNIQUE_SINGLE_COLUMN_INDEX = """
+# A valid, non-partial unique index whose key columns are exactly $2 (attnums, any order).
+UNIQUE_INDEX_ON_COLUMNS = """
 SELECT EXISTS (
     SELECT 1 FROM pg_index i
     WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL
-      AND i.indnkeyatts = 1 AND i.indkey[0] = $2
+      AND i.indexprs IS NULL AND i.indnkeyatts = cardinality($2::int2[])
+      AND (SELECT array_agg(k.attnum) FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+           WHERE k.n <= i.indnkeyatts) @> $2::int2[]
 )
 """
 
@@ -96,6 +99,46 @@ PRIVILEGES = """
 SELECT has_table_privilege($1::oid, 'SELECT') AS can_select,
        has_column_privilege($1::oid, $2::name, 'UPDATE') AS can_update_key,
        current_user AS role
+"""
+
+# Btree indexes whose leading key columns are exactly the attnums $2 (--scope and --key, in any
+# order), ascending, default operator classes, the key ($4) in its column's collation ($3);
+# `columns` names them in the index's order, which the keyset scan follows.
+SCOPED_KEY_INDEXES = """
+SELECT ic.relname AS index_name,
+       ARRAY(SELECT a.attname::text
+             FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE k.n <= cardinality($2::int2[]) ORDER BY k.n) AS columns
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_am am ON am.oid = ic.relam
+WHERE i.indrelid = $1 AND am.amname = 'btree'
+  AND i.indisvalid AND i.indisready AND i.indpred IS NULL AND i.indexprs IS NULL
+  AND i.indnkeyatts >= cardinality($2::int2[])
+  AND (SELECT array_agg(k.attnum) FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+       WHERE k.n <= cardinality($2::int2[])) @> $2::int2[]
+  AND NOT EXISTS (
+      SELECT 1 FROM unnest(i.indclass::oid[], i.indoption::int2[]) WITH ORDINALITY
+          AS c(opclass, option, n)
+      JOIN pg_opclass o ON o.oid = c.opclass
+      WHERE c.n <= cardinality($2::int2[]) AND (NOT o.opcdefault OR c.option <> 0))
+  AND EXISTS (
+      SELECT 1 FROM unnest(i.indkey::int2[], i.indcollation::oid[]) AS u(attnum, coll)
+      WHERE u.attnum = $4 AND u.coll = $3)
+ORDER BY i.indnatts, ic.relname
+"""
+
+# Whether a column's type ($1) has a default btree operator class: rows can be grouped and
+# walked in order by it (json, point, xml... cannot).
+BTREE_ORDERABLE = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_type t, pg_opclass o JOIN pg_am am ON am.oid = o.opcmethod
+    WHERE t.oid = $1 AND am.amname = 'btree' AND o.opcdefault
+      AND (o.opcintype IN (t.oid, t.typbasetype)
+           OR (o.opcintype = 'text'::regtype AND t.typname = 'varchar')
+           OR (o.opcintype = 'anyarray'::regtype AND t.typcategory = 'A')
+           OR (o.opcintype = 'anyenum'::regtype AND t.typtype = 'e')))
 """
 
 HISTOGRAM_BOUNDS = """
@@ -172,8 +215,9 @@ SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) AS superuser
 REPLICATION_ROLE_GRANTED = "SELECT has_parameter_privilege('session_replication_role', 'SET')"
 
 
-def create_index_concurrently(index: str, table: str, key: str) -> str:
-    return f"CREATE INDEX CONCURRENTLY {quote_ident(index)} ON {table} ({quote_ident(key)})"
+def create_index_concurrently(index: str, table: str, columns: tuple[str, ...]) -> str:
+    cols = ", ".join(quote_ident(c) for c in columns)
+    return f"CREATE INDEX CONCURRENTLY {quote_ident(index)} ON {table} ({cols})"
 
 
 def drop_index_concurrently(schema: str, index: str) -> str:
@@ -216,6 +260,11 @@ class StateSql:
     """Queries on `<state-schema>.runs` and `<state-schema>.changes`."""
 
     schema: str
+
+    # The version of the state schema `create` makes. Bump it with every change to `create`:
+    # an older schema is brought up to date by the statements of `create` it lacks (all
+    # IF NOT EXISTS, so additive and safe to repeat), then marked (`mark_version`).
+    VERSION: ClassVar[int] = 2
 
     @cached_property
     def runs(self) -> str:
@@ -312,7 +361,27 @@ class StateSql:
                 beat     bigint NOT NULL,
                 beat_at  timestamptz NOT NULL
             )""",
+            # --- version 2 ---
+            # The columns that identify a run's rows and its groups (composite primary keys,
+            # --scope). NULL on a run recorded before: its single pk_column, and no scope.
+            f"""ALTER TABLE {self.runs} ADD COLUMN IF NOT EXISTS pk_columns text[],
+                ADD COLUMN IF NOT EXISTS scope_columns text[]""",
         ]
+
+    @cached_property
+    def mark_version(self) -> str:
+        """Record that the state schema is at `VERSION`: a comment on its runs table.
+
+        A comment, not a `meta` table, because every role can read it: pg_description is
+        world-readable, so the version is known from the catalog alone (as `inspect_state`
+        knows everything else) before any privilege check, and a read-only role that was
+        granted SELECT on the tables of an older release is not refused for lacking SELECT on
+        a new one. Setting it needs what the upgrade itself needs (ownership of runs, to ALTER
+        it) and nothing more; it commits with the DDL it describes, under the same lock. On
+        runs, not on the schema: --state-schema may name a schema that is not ours (public),
+        whose comment and owner are someone else's. A runs table without it is version 1.
+        """
+        return f"COMMENT ON TABLE {self.runs} IS '{STATE_VERSION_MARKER}{self.VERSION}'"
 
     @cached_property
     def objects(self) -> list[tuple[str, list[StateObject]]]:
@@ -331,8 +400,9 @@ class StateSql:
     @cached_property
     def insert_run(self) -> str:
         return f"""INSERT INTO {self.runs}
-            (run_id, command, table_name, key_column, pk_column, status, options, database_url)
-            VALUES ($1, $2, $3, $4, $5, 'running', $6::jsonb, $7)"""
+            (run_id, command, table_name, key_column, pk_column, pk_columns, scope_columns,
+             status, options, database_url)
+            VALUES ($1, $2, $3, $4, $5, $8::text[], $9::text[], 'running', $6::jsonb, $7)"""
 
     @cached_property
     def get_run(self) -> str:
@@ -554,26 +624,150 @@ LowerBound = Literal["none", "inclusive", "exclusive"]
 class TargetSql:
     """Queries on the table being deduplicated.
 
-    `table` is the quoted qualified name; `key`, `pk` the bare column names; `key_type` and
-    `pk_type` the catalog's type names without modifiers; `lock_prefix` the text that, with the
-    value appended, is hashed into the advisory lock key (see README, "The advisory lock").
+    `table` is the quoted qualified name; `key`, `pk` the bare column names (`pk` one name, or
+    a composite key's names); `key_type` and `pk_type` the catalog's type names without
+    modifiers (one per pk column); `lock_prefix` the text that, with the value appended, is
+    hashed into the advisory lock key (see README, "The advisory lock").
+
+    A row's primary key travels as `pk_of` spells it: the column's own value, or for a
+    composite key the JSON array of its columns' text forms (`["7", "eu", "0b4e…"]`), which is
+    also how the audit records it; `pk_is` finds the row it names, by the primary key's index.
     """
 
     table: str
     key: str
-    pk: str
+    pk: str | tuple[str, ...]
     key_type: str
-    pk_type: str
+    pk_type: str | tuple[str, ...]
     keep: tuple[OrderItem, ...]
     state: StateSql
+    scope: tuple[str, ...] = ()  # --scope: groups are rows equal on these and the key
+    scope_types: tuple[str, ...] = ()
+    scan_columns: tuple[str, ...] = ()  # the scan index's order of scope and key columns
 
     @cached_property
     def k(self) -> str:
         return quote_ident(self.key)
 
+    # --- groups: a key value, or with --scope the scope's values and the key's ---------------
+
+    @cached_property
+    def scoped(self) -> bool:
+        return bool(self.scope)
+
+    @cached_property
+    def group_param(self) -> str:
+        """The element type of a parameter array of groups."""
+        return "text" if self.scoped else self.key_type
+
+    def group_of(self, alias: str) -> str:
+        """Row `alias`'s group as the tool carries it (scan, batches, checkpoints, skipped
+        groups, advisory locks): its key, or with --scope the JSON array of the scope columns'
+        and the key's text forms, in --scope order: `["42", "tx-9"]`."""
+        if not self.scoped:
+            return f"{alias}.{self.k}"
+        cols = ", ".join(f"{alias}.{quote_ident(c)}::text" for c in (*self.scope, self.key))
+        return f"jsonb_build_array({cols})::text"
+
+    def _group_parts(self, value: str) -> list[tuple[str, str]]:
+        """(column, the typed value of that column in group `value`), scope then key."""
+        types = (*self.scope_types, self.key_type)
+        return [
+            (c, f"(({value})::jsonb ->> {i})::{t}")
+            for i, (c, t) in enumerate(zip((*self.scope, self.key), types, strict=True))
+        ]
+
+    def group_is(self, alias: str, value: str) -> str:
+        """Row `alias` is in group `value` (an expression of type `group_param`)."""
+        if not self.scoped:
+            return f"{alias}.{self.k} = {value}"
+        parts = self._group_parts(value)
+        cols = ", ".join(f"{alias}.{quote_ident(c)}" for c, _ in parts)
+        return f"({cols}) = ({', '.join(v for _, v in parts)})"
+
+    def _scope_is(self, alias: str, value: str) -> str:
+        """Row `alias` is in the scope of group `value` (whatever its key); scoped only."""
+        parts = self._group_parts(value)[:-1]
+        cols = ", ".join(f"{alias}.{quote_ident(c)}" for c, _ in parts)
+        return f"({cols}) = ({', '.join(v for _, v in parts)})"
+
+    @cached_property
+    def pks(self) -> tuple[str, ...]:
+        return (self.pk,) if isinstance(self.pk, str) else self.pk
+
+    @cached_property
+    def pk_types(self) -> tuple[str, ...]:
+        return (self.pk_type,) if isinstance(self.pk_type, str) else self.pk_type
+
+    @cached_property
+    def composite(self) -> bool:
+        return len(self.pks) > 1
+
     @cached_property
     def p(self) -> str:
-        return quote_ident(self.pk)
+        """The primary key's column list (for ORDER BY)."""
+        return ", ".join(quote_ident(c) for c in self.pks)
+
+    @cached_property
+    def pk_param(self) -> str:
+        """The element type of a parameter array of primary keys."""
+        return "text" if self.composite else self.pk_types[0]
+
+    def pk_of(self, alias: str) -> str:
+        """Row `alias`'s primary key as the tool carries it (see the class docstring)."""
+        if not self.composite:
+            return f"{alias}.{self.p}"
+        cols = ", ".join(f"{alias}.{quote_ident(c)}::text" for c in self.pks)
+        return f"jsonb_build_array({cols})::text"
+
+    def pk_is(self, alias: str, value: str) -> str:
+        """Row `alias` is the one `value` (an expression of type `pk_param`) names; a test on
+        the primary key's columns, so its index answers it."""
+        if not self.composite:
+            return f"{alias}.{self.p} = {value}"
+        cols = ", ".join(f"{alias}.{quote_ident(c)}" for c in self.pks)
+        vals = ", ".join(f"(({value})::jsonb ->> {i})::{t}" for i, t in enumerate(self.pk_types))
+        return f"({cols}) = ({vals})"
+
+    def pk_is_text(self, alias: str, text: str) -> str:
+        """As `pk_is`, for a primary key in its text form (the audit's `pk`)."""
+        if not self.composite:
+            return f"{alias}.{self.p} = ({text})::{self.pk_types[0]}"
+        return self.pk_is(alias, text)
+
+    @cached_property
+    def _scan_order(self) -> tuple[str, ...]:
+        return self.scan_columns or (*self.scope, self.key)
+
+    def _scoped_scan_page(self, lower: LowerBound) -> str:
+        """scan_page with --scope: keyset over the row value of the scan index's leading columns
+        (scope and key, in the index's order), grouped on all of them; one key range."""
+        cols = self._scan_order
+        alias = {c: f"c{i}" for i, c in enumerate(cols)}
+        inner = ", ".join(f"t.{quote_ident(c)} AS {alias[c]}" for c in cols)
+        order_t = ", ".join(f"t.{quote_ident(c)}" for c in cols)
+        order_p = ", ".join(f"p.{alias[c]}" for c in cols)
+        group = ", ".join(f"p.{alias[c]}::text" for c in (*self.scope, self.key))
+        return f"""
+SELECT jsonb_build_array({group})::text AS k, count(*) AS n, max(p.rn) AS rn FROM (
+    SELECT {inner}, row_number() OVER (ORDER BY {order_t}) AS rn
+    FROM {self.table} t WHERE {self._scoped_where(lower)} ORDER BY {order_t} LIMIT $3
+) p
+GROUP BY {order_p} HAVING count(*) > 1 OR max(p.rn) = $3
+ORDER BY {order_p}"""
+
+    def _scoped_where(self, lower: LowerBound) -> str:
+        # NULL in any scope column or the key: never a duplicate (NULLS DISTINCT)
+        conds = [f"t.{quote_ident(c)} IS NOT NULL" for c in self._scan_order]
+        if lower == "exclusive":
+            decoded = dict(self._group_parts("$1::text"))
+            cols = ", ".join(f"t.{quote_ident(c)}" for c in self._scan_order)
+            vals = ", ".join(decoded[c] for c in self._scan_order)
+            conds.append(f"({cols}) > ({vals})")
+        else:
+            conds.append("$1::text IS NULL")
+        conds.append("$2::text IS NULL")
+        return " AND ".join(conds)
 
     def scan_page(self, lower: LowerBound, upper: bool) -> str:
         """One keyset page over the key index: the first $3 index entries after the cursor,
@@ -585,6 +779,8 @@ class TargetSql:
         Groups come out in key order, which the producer's checkpoints rely on: said by the
         outer ORDER BY, which the GroupAggregate's own order satisfies without a sort (a hash
         aggregate, free to reorder without it, would checkpoint past unfinished groups)."""
+        if self.scoped:
+            return self._scoped_scan_page(lower)
         return f"""
 SELECT p.k, count(*) AS n, max(p.rn) AS rn FROM (
     SELECT {self.k} AS k, row_number() OVER (ORDER BY {self.k}) AS rn
@@ -595,6 +791,9 @@ ORDER BY p.k"""
 
     def scan_page_count(self, lower: LowerBound, upper: bool) -> str:
         """Entries in the last, short page of a range (for progress; at most $3 read)."""
+        if self.scoped:
+            return f"""SELECT count(*) FROM (
+    SELECT 1 FROM {self.table} t WHERE {self._scoped_where(lower)} LIMIT $3) p"""
         return f"""SELECT count(*) FROM (
     SELECT 1 FROM {self.table} WHERE {self._page_where(lower, upper)} LIMIT $3) p"""
 
@@ -611,6 +810,8 @@ ORDER BY p.k"""
 
     @cached_property
     def count_key(self) -> str:
+        if self.scoped:
+            return f"SELECT count(*) FROM {self.table} t WHERE {self.group_is('t', '$1::text')}"
         return f"SELECT count(*) FROM {self.table} WHERE {self.k} = $1"
 
     @cached_property
@@ -620,40 +821,48 @@ ORDER BY p.k"""
         return f"""
 SELECT pg_advisory_xact_lock(h) FROM (
     SELECT DISTINCT hashtextextended($2 || v::text, 0) AS h
-    FROM unnest($1::{self.key_type}[]) AS v ORDER BY h
+    FROM unnest($1::{self.group_param}[]) AS v ORDER BY h
 ) s"""
 
     def _order(self) -> str:
         # NULLS always spelled out: PostgreSQL's default for DESC is NULLS FIRST (see OrderItem)
-        parts = [self.k]
+        # Qualified by the queries' alias `t`: a bare name in ORDER BY would first mean an
+        # output column (a key column named "pk" would sort by the primary key).
+        parts = [f"t.{quote_ident(c)}" for c in self.scope] + [f"t.{self.k}"]
         parts += [
-            quote_ident(o.column)
+            "t."
+            + quote_ident(o.column)
             + (" DESC" if o.descending else " ASC")
             + (" NULLS FIRST" if o.nulls_first else " NULLS LAST")
             for o in self.keep
         ]
-        parts.append(self.p)
+        parts += [f"t.{quote_ident(c)}" for c in self.pks]
         return ", ".join(parts)
 
     @cached_property
     def read_groups(self) -> str:
-        return f"""SELECT {self.p} AS pk, {self.k} AS k FROM {self.table}
-WHERE {self.k} = ANY($1::{self.key_type}[]) ORDER BY {self._order()}"""
+        if self.scoped:
+            return f"""SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k, {self.group_of("t")} AS g
+FROM unnest($1::text[]) AS q(g) JOIN {self.table} t ON {self.group_is("t", "q.g")}
+ORDER BY {self._order()}"""
+        return f"""SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k FROM {self.table} t
+WHERE t.{self.k} = ANY($1::{self.key_type}[]) ORDER BY {self._order()}"""
 
     # --- a giant group (more rows than one batch): decided once, then worked off in chunks ---
 
     @cached_property
     def group_survivor(self) -> str:
         # the row an ordinary batch would keep (first by --keep order); a top-1 sort, no more
-        return f"""SELECT {self.p} AS pk, {self.k} AS k FROM {self.table}
-WHERE {self.k} = $1::{self.key_type} ORDER BY {self._order()} LIMIT 1"""
+        return f"""SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k FROM {self.table} t
+WHERE {self.group_is("t", f"$1::{self.group_param}")} ORDER BY {self._order()} LIMIT 1"""
 
     @cached_property
     def group_losers(self) -> str:
         # streamed through a cursor into a file: the key index returns a value's entries in
         # heap order, so each chunk's rows sit on neighbouring pages (no ORDER BY, no sort)
-        return f"""SELECT {self.p} AS pk FROM {self.table}
-WHERE {self.k} = $1::{self.key_type} AND {self.p} <> $2::{self.pk_type}"""
+        return f"""SELECT {self.pk_of("t")} AS pk FROM {self.table} t
+WHERE {self.group_is("t", f"$1::{self.group_param}")}
+  AND NOT ({self.pk_is("t", f"$2::{self.pk_param}")})"""
 
     @cached_property
     def read_chunk(self) -> str:
@@ -662,23 +871,44 @@ WHERE {self.k} = $1::{self.key_type} AND {self.p} <> $2::{self.pk_type}"""
         # `(k = $2) IS TRUE`, not `k = $2`: the same test, but not one an index can answer, so
         # even a generic plan (which cannot know that $2 is held by a million rows) looks the
         # rows up by primary key instead of walking the whole group in the key's index
+        same = f"({self.group_is('t', f'$2::{self.group_param}')}) IS TRUE"
+        if self.composite:
+            chunk = f"""unnest($1::text[]) AS c(pk) JOIN {self.table} t ON {self.pk_is("t", "c.pk")}
+WHERE {same}"""
+        else:
+            chunk = f"{self.table} t WHERE t.{self.p} = ANY($1::{self.pk_param}[]) AND {same}"
         return f"""
-SELECT {self.p} AS pk, {self.k} AS k, false AS survivor FROM {self.table}
-WHERE {self.p} = ANY($1::{self.pk_type}[]) AND ({self.k} = $2::{self.key_type}) IS TRUE
+SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k, false AS survivor FROM {chunk}
 UNION ALL
-SELECT {self.p}, {self.k}, true FROM {self.table}
-WHERE {self.p} = $3::{self.pk_type} AND ({self.k} = $2::{self.key_type}) IS TRUE"""
+SELECT {self.pk_of("t")}, t.{self.k}, true FROM {self.table} t
+WHERE {self.pk_is("t", f"$3::{self.pk_param}")} AND {same}"""
 
     @cached_property
     def check_candidates(self) -> str:
         # $3: take a non-blocking advisory lock on each candidate (apply); dry-run takes none.
         # A candidate is usable when it is locked by us and no row holds it.
+        # $4: each candidate's group (with --scope: the candidate must be free in its scope,
+        # and its lock is the group it would make, as group_of spells it)
+        if self.scoped:
+            scope = ", ".join(f"(c.g::jsonb ->> {i})" for i in range(len(self.scope)))
+            lock = f"jsonb_build_array({scope}, c.v::text)::text"
+            taken = f"t.{self.k} = c.v AND {self._scope_is('t', 'c.g')}"
+        else:
+            lock, taken = "c.v::text", f"t.{self.k} = c.v"
         return f"""
-SELECT v::text AS v,
-       CASE WHEN $3 THEN pg_try_advisory_xact_lock(hashtextextended($2 || v::text, 0))
+SELECT c.v::text AS v,
+       CASE WHEN $3 THEN pg_try_advisory_xact_lock(hashtextextended($2 || {lock}, 0))
             ELSE true END AS locked,
-       EXISTS (SELECT 1 FROM {self.table} t WHERE t.{self.k} = v) AS taken
-FROM unnest($1::{self.key_type}[]) AS v"""
+       EXISTS (SELECT 1 FROM {self.table} t WHERE {taken}) AS taken
+FROM unnest($1::{self.key_type}[], $4::text[]) AS c(v, g)"""
+
+    def _same_scope(self, alias: str, *, indexed: bool = False) -> str:
+        # with --scope: the row is (still) in the scope of the rename's group, v.grp; found by
+        # primary key (IS TRUE: not an index's business) or, `indexed`, by the scan index
+        if not self.scoped:
+            return ""
+        test = self._scope_is(alias, "v.grp")
+        return f" AND {test}" if indexed else f" AND ({test}) IS TRUE"
 
     @cached_property
     def apply_renames(self) -> str:
@@ -687,24 +917,25 @@ FROM unnest($1::{self.key_type}[]) AS v"""
         # commit together. Fewer rows than asked for: the caller rolls back and retries.
         return f"""
 WITH v AS (
-    SELECT * FROM unnest($1::{self.pk_type}[], $2::{self.key_type}[], $3::{self.key_type}[],
-                         $5::{self.pk_type}[], $6::text[])
-        AS v(pk, old, new, survivor, old_text)
+    SELECT * FROM unnest($1::{self.pk_param}[], $2::{self.key_type}[], $3::{self.key_type}[],
+                         $5::{self.pk_param}[], $6::text[], $7::text[])
+        AS v(pk, old, new, survivor, old_text, grp)
 ), u AS (
     UPDATE {self.table} t SET {self.k} = v.new FROM v
     -- `(… = v.old) IS TRUE`: the same test, but not one the key's index can answer (nor the
     -- planner chain, s.k = t.k), so both rows are found by primary key: with a generic plan the
     -- key index would walk every row of a giant group, once per row renamed
-    WHERE t.{self.p} = v.pk AND (t.{self.k} = v.old) IS TRUE
+    WHERE {self.pk_is("t", "v.pk")} AND (t.{self.k} = v.old) IS TRUE{self._same_scope("t")}
       -- the survivor still holds the old value (read, not locked: locking it would dirty a
       -- page this tool never changes); if the application deleted or re-keyed it since the
       -- batch read it, the losers stay as they are and the batch is tried again
-      AND EXISTS (SELECT 1 FROM {self.table} s WHERE s.{self.p} = v.survivor
-                  AND (s.{self.k} = v.old) IS TRUE)
+      AND EXISTS (SELECT 1 FROM {self.table} s WHERE {self.pk_is("s", "v.survivor")}
+                  AND (s.{self.k} = v.old) IS TRUE{self._same_scope("s")})
       -- re-checked with this statement's snapshot, taken after the candidate's advisory lock:
       -- a worker that wrote the same value and released its lock just before is seen here
-      AND NOT EXISTS (SELECT 1 FROM {self.table} o WHERE o.{self.k} = v.new)
-    RETURNING t.{self.p} AS pk, v.old_text, v.new
+      AND NOT EXISTS (SELECT 1 FROM {self.table} o
+                      WHERE o.{self.k} = v.new{self._same_scope("o", indexed=True)})
+    RETURNING {self.pk_of("t")} AS pk, v.old_text, v.new
 )
 -- old_text: the old value's exact text ($6; a bpchar::text cast would drop trailing blanks,
 -- and undo must put back the bytes the row held)
@@ -774,7 +1005,8 @@ WHERE conrelid = $1 AND conname = $2
 # Unique indexes (valid or merely ready: a failed concurrent build still enforces uniqueness on
 # new writes) whose key columns include the column, with the constraint that owns them.
 UNIQUE_INDEXES_ON_COLUMN = """
-SELECT n.nspname AS schema, ic.relname AS index_name, i.indisvalid, con.conname
+SELECT n.nspname AS schema, ic.relname AS index_name, i.indisvalid, con.conname,
+       i.indisprimary
 FROM pg_index i
 JOIN pg_class ic ON ic.oid = i.indexrelid
 JOIN pg_namespace n ON n.oid = ic.relnamespace
@@ -804,19 +1036,22 @@ def add_unique_constraint_using_index(table: str, name: str) -> str:
     )
 
 
-def prove_duplicate_rejected(table: str, key: str, pk: str) -> str:
+def prove_duplicate_rejected(table: str, key: str, pk: tuple[str, ...]) -> str:
     """Give one row the key of another (run in a savepoint that is rolled back): a unique index
     must reject it. An UPDATE of the key alone cannot trip over NOT NULL columns the way an
     INSERT of a copy would; SKIP LOCKED keeps it off rows the application is working on."""
-    k, p = quote_ident(key), quote_ident(pk)
+    k = quote_ident(key)
+    cols = [quote_ident(c) for c in pk]
+    picked = ", ".join(f"t.{c} AS pk{i}" for i, c in enumerate(cols))
+    same = " AND ".join(f"t.{c} = b.pk{i}" for i, c in enumerate(cols))
     return f"""
 WITH a AS (
     SELECT {k} AS v FROM {table} WHERE {k} IS NOT NULL LIMIT 1
 ), b AS (
-    SELECT t.{p} AS id FROM {table} t, a WHERE t.{k} IS DISTINCT FROM a.v
+    SELECT {picked} FROM {table} t, a WHERE t.{k} IS DISTINCT FROM a.v
     LIMIT 1 FOR UPDATE OF t SKIP LOCKED
 )
-UPDATE {table} t SET {k} = a.v FROM a, b WHERE t.{p} = b.id RETURNING t.{p}"""
+UPDATE {table} t SET {k} = a.v FROM a, b WHERE {same} RETURNING t.{cols[0]}"""
 
 
 # --- undo and report -----------------------------------------------------------------------
@@ -841,19 +1076,24 @@ class UndoSql:
         t = self.target
         return f"""
 SELECT c.id, c.pk, c.old_value, c.new_value,
-       r.{t.k}::text AS current, r.{t.p} IS NOT NULL AS present
+       r.{t.k}::text AS current, r.{quote_ident(t.pks[0])} IS NOT NULL AS present
 FROM (
     SELECT id, pk, old_value, new_value FROM {t.state.changes}
     WHERE run_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3
 ) c
-LEFT JOIN {t.table} r ON r.{t.p} = c.pk::{t.pk_type}
+LEFT JOIN {t.table} r ON {t.pk_is_text("r", "c.pk")}
 ORDER BY c.id DESC"""
 
     @cached_property
     def lock_rows(self) -> str:
         t = self.target
-        return f"""SELECT r.{t.p}::text AS pk, r.{t.k}::text AS current FROM {t.table} r
-WHERE r.{t.p} = ANY($1::text[]::{t.pk_type}[]) ORDER BY r.{t.p} FOR UPDATE"""
+        if t.composite:
+            rows = f"unnest($1::text[]) AS c(pk) JOIN {t.table} r ON {t.pk_is('r', 'c.pk')}"
+        else:
+            rows = f"{t.table} r WHERE r.{t.p} = ANY($1::text[]::{t.pk_param}[])"
+        order = ", ".join(f"r.{quote_ident(c)}" for c in t.pks)
+        return f"""SELECT {t.pk_of("r")}::text AS pk, r.{t.k}::text AS current FROM {rows}
+ORDER BY {order} FOR UPDATE OF r"""
 
     @cached_property
     def restore(self) -> str:
@@ -865,8 +1105,8 @@ WITH v AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS v(pk, cur, restore)
 ), u AS (
     UPDATE {t.table} r SET {t.k} = v.restore::{t.key_type} FROM v
-    WHERE r.{t.p} = v.pk::{t.pk_type} AND r.{t.k} = v.cur::{t.key_type}
-    RETURNING r.{t.p} AS pk, v.cur, v.restore
+    WHERE {t.pk_is_text("r", "v.pk")} AND r.{t.k} = v.cur::{t.key_type}
+    RETURNING {t.pk_of("r")} AS pk, v.cur, v.restore
 )
 INSERT INTO {t.state.changes} (run_id, pk, old_value, new_value)
 SELECT $4, u.pk::text, u.cur, u.restore FROM u"""
@@ -875,7 +1115,7 @@ SELECT $4, u.pk::text, u.cur, u.restore FROM u"""
     def any_restorable(self) -> str:
         t = self.target
         return f"""SELECT EXISTS (
-    SELECT 1 FROM {t.state.changes} c JOIN {t.table} r ON r.{t.p} = c.pk::{t.pk_type}
+    SELECT 1 FROM {t.state.changes} c JOIN {t.table} r ON {t.pk_is_text("r", "c.pk")}
     WHERE c.run_id = $1 AND r.{t.k} = c.new_value::{t.key_type})"""
 
 
@@ -953,13 +1193,34 @@ def serial_sequence_name(table: str, column: str) -> str:
     return f"{table}_{column}_seq"
 
 
+# The state's version marker (StateSql.mark_version): the runs table's comment, this text
+# followed by the version number.
+STATE_VERSION_MARKER = "bulkdedupe state schema version "
+_STATE_VERSION = re.compile(re.escape(STATE_VERSION_MARKER) + r"([0-9]+)")
+
+
+def parse_state_version(comment: str | None) -> int:
+    """The version a runs table's comment records; 1 (the first release, which wrote none) for
+    no comment or one that is not ours."""
+    m = _STATE_VERSION.match(comment or "")
+    return int(m.group(1)) if m else 1
+
+
+# The runs table is looked up with the rest: whether it exists, its version marker, its owner
+# (only the owner may upgrade it in place: ALTER TABLE, COMMENT ON).
 STATE_ACCESS = """
 SELECT n.oid IS NOT NULL AS schema_exists,
        coalesce(has_schema_privilege(n.oid, 'USAGE'), false) AS schema_usage,
        coalesce(has_schema_privilege(n.oid, 'CREATE'), false) AS schema_create,
        has_database_privilege(current_database(), 'CREATE') AS database_create,
-       current_user AS role, current_database() AS database
-FROM (SELECT) AS one LEFT JOIN pg_namespace n ON n.nspname = $1
+       current_user AS role, current_database() AS database,
+       r.oid IS NOT NULL AS runs_exists,
+       obj_description(r.oid, 'pg_class') AS runs_comment,
+       coalesce(pg_has_role(r.relowner, 'USAGE'), false) AS runs_owned,
+       pg_get_userbyid(r.relowner) AS runs_owner
+FROM (SELECT) AS one
+LEFT JOIN pg_namespace n ON n.nspname = $1
+LEFT JOIN pg_class r ON r.relnamespace = n.oid AND r.relname = 'runs' AND r.relkind IN ('r', 'p')
 """
 
 # Straight from the catalog, never to_regclass(): that raises without USAGE on the schema.
@@ -1009,7 +1270,40 @@ FROM pg_class c WHERE c.oid = $1
 
 ROLE_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)"
 
-STATE_DDL_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('bulkdedupe.ddl', 0))"
+_STATE_DDL_LOCK_KEY = "hashtextextended('bulkdedupe.ddl', 0)"
+STATE_DDL_LOCK = f"SELECT pg_advisory_xact_lock({_STATE_DDL_LOCK_KEY})"
+# Within the DDL lock: ALTER TABLE of a state table waits for every transaction using it, and
+# queues everyone behind it meanwhile; an upgrade that cannot have it soon gives up, changing
+# nothing, and says so.
+STATE_UPGRADE_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', $1, true)"
+
+
+def state_upgrade_guard(schema: str, version: int) -> str:
+    """For init-state --print-sql (a script, so no parameters): take the DDL lock the tool's
+    own upgrades take, then stop before anything changes if the state schema is at a version
+    newer than `version` (running this script would mark it older than it is)."""
+    literal = "'" + schema.replace("'", "''") + "'"
+    pattern = "'^" + STATE_VERSION_MARKER + "([0-9]+)'"
+    body = f"""
+DECLARE found int;
+BEGIN
+    PERFORM pg_advisory_xact_lock({_STATE_DDL_LOCK_KEY});
+    SELECT substring(obj_description(c.oid, 'pg_class') FROM {pattern})::int
+    INTO found
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = {literal} AND c.relname = 'runs';
+    IF found > {version} THEN
+        RAISE EXCEPTION 'the state schema % is at version %, newer than this bulkdedupe knows '
+            '(%); nothing was changed: use the bulkdedupe release that upgraded it',
+            {literal}, found, {version};
+    END IF;
+END
+"""
+    tag = "$bulkdedupe$"
+    while tag in body:  # a schema name holding the tag itself
+        tag = tag[:-1] + "_$"
+    return f"DO {tag}{body}{tag}"
+
 
 _TABLE_PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE"})
 
@@ -1041,3 +1335,113 @@ def grant_create_on_database(database: str, role: str) -> str:
 
 # The governor's probe session commits the way the application does: synchronously.
 PROBE_SESSION = "SET synchronous_commit = on"
+
+
+# --- partitioned tables (catalog.partitioning, enforce) ------------------------------------
+
+# The table's partition tree ($1: its oid; $2: the key column's name), parents before their
+# partitions. For a partitioned member: the columns it partitions by, plain ones and those its
+# key expressions use (each is recorded as internally dependent on the table, which is what
+# keeps it from being dropped). For a leaf: the btree index a scan can walk, on its own copy of
+# the key column (its attnum may differ from the parent's), as KEY_INDEXES picks one.
+PARTITION_TREE = """
+SELECT t.relid::oid AS oid, n.nspname AS schema, c.relname AS name,
+       c.relkind::text AS relkind, t.parentrelid::oid AS parent, t.level,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = t.relid AND a.attnum > 0
+               AND (a.attnum = ANY (pt.partattrs::int2[])
+                    OR EXISTS (SELECT 1 FROM pg_depend d
+                               WHERE d.classid = 'pg_class'::regclass AND d.objid = t.relid
+                                 AND d.objsubid = a.attnum
+                                 AND d.refclassid = 'pg_class'::regclass
+                                 AND d.refobjid = t.relid AND d.refobjsubid = 0
+                                 AND d.deptype = 'i'))
+             ORDER BY a.attnum) AS partition_columns,
+       pg_get_partkeydef(t.relid) AS partition_key,
+       greatest(c.reltuples, 0)::bigint AS reltuples,
+       (SELECT ic.relname FROM pg_attribute ka
+        JOIN pg_index i ON i.indrelid = ka.attrelid AND i.indkey[0] = ka.attnum
+        JOIN pg_class ic ON ic.oid = i.indexrelid
+        JOIN pg_am am ON am.oid = ic.relam
+        JOIN pg_opclass opc ON opc.oid = i.indclass[0]
+        WHERE ka.attrelid = t.relid AND ka.attname = $2 AND NOT ka.attisdropped
+          AND am.amname = 'btree' AND i.indisvalid AND i.indisready AND i.indpred IS NULL
+          AND opc.opcdefault AND i.indcollation[0] = ka.attcollation
+        ORDER BY i.indnatts, ic.relname LIMIT 1) AS key_index
+FROM pg_partition_tree($1::oid::regclass) t
+JOIN pg_class c ON c.oid = t.relid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_partitioned_table pt ON pt.partrelid = t.relid
+ORDER BY t.level, n.nspname, c.relname
+"""
+
+# Anything named $2 in schema $1 and, when it is an index, what it is: on which table, its key
+# columns by name (a partition's attnums may differ from its parent's), whether every column
+# keeps its column's collation, and the partitioned index it is attached to.
+PARTITION_INDEX_BY_NAME = """
+SELECT c.oid, c.relkind::text AS relkind, i.indrelid, i.indisunique, i.indisvalid,
+       i.indpred IS NULL AS is_full, i.indexprs IS NULL AS is_plain,
+       i.indnatts = i.indnkeyatts AS no_include, am.amname,
+       ARRAY(SELECT a.attname::text
+             FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE k.n <= i.indnkeyatts ORDER BY k.n) AS columns,
+       NOT EXISTS (SELECT 1
+                   FROM unnest(i.indkey::int2[], i.indcollation::oid[]) AS k(attnum, coll)
+                   JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                   WHERE k.coll <> a.attcollation) AS column_collations,
+       CASE WHEN i.indexrelid IS NOT NULL THEN pg_get_indexdef(i.indexrelid) END AS definition,
+       (SELECT h.inhparent FROM pg_inherits h WHERE h.inhrelid = c.oid) AS attached_to
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_index i ON i.indexrelid = c.oid
+LEFT JOIN pg_am am ON am.oid = c.relam
+WHERE n.nspname = $1 AND c.relname = $2
+"""
+
+# The indexes attached to partitioned index $1, by the table they are on.
+ATTACHED_INDEXES = """
+SELECT i.indrelid AS table_oid, n.nspname AS schema, c.relname AS name, i.indisvalid
+FROM pg_inherits h
+JOIN pg_index i ON i.indexrelid = h.inhrelid
+JOIN pg_class c ON c.oid = h.inhrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE h.inhparent = $1
+"""
+
+INDEX_IS_VALID = "SELECT indisvalid FROM pg_index WHERE indexrelid = $1"
+
+
+def _columns(columns: tuple[str, ...]) -> str:
+    return ", ".join(quote_ident(c) for c in columns)
+
+
+def create_unique_index_on_only(index: str, table: str, columns: tuple[str, ...]) -> str:
+    """The partitioned index itself, without building anything in the partitions: INVALID until
+    every partition's index is attached. Takes a SHARE lock on that table for an instant."""
+    return f"CREATE UNIQUE INDEX {quote_ident(index)} ON ONLY {table} ({_columns(columns)})"
+
+
+def create_unique_index_on_empty(index: str, table: str, columns: tuple[str, ...]) -> str:
+    """A partitioned table with no partitions: the ordinary form builds nothing and is valid."""
+    return f"CREATE UNIQUE INDEX {quote_ident(index)} ON {table} ({_columns(columns)})"
+
+
+def create_unique_index_concurrently_on(index: str, table: str, columns: tuple[str, ...]) -> str:
+    """One partition's index (a leaf is a plain table: CONCURRENTLY works there)."""
+    return f"CREATE UNIQUE INDEX CONCURRENTLY {quote_ident(index)} ON {table} ({_columns(columns)})"
+
+
+def attach_partition_index(parent_index: str, index: str) -> str:
+    """Both already qualified. Locks the partition's index for an instant."""
+    return f"ALTER INDEX {parent_index} ATTACH PARTITION {index}"
+
+
+def drop_partitioned_index(schema: str, index: str) -> str:
+    """A partitioned index cannot be dropped CONCURRENTLY; this drops its partitions' too."""
+    return f"DROP INDEX {qualify(schema, index)}"
+
+
+def create_index_concurrently_on(table: str, column: str) -> str:
+    """What to run on a partition that has no index on the key (PostgreSQL names it)."""
+    return f"CREATE INDEX CONCURRENTLY ON {table} ({quote_ident(column)})"

@@ -12,12 +12,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+import structlog
 
 from . import privileges, sql
 from .catalog import Target
 from .db import Conn
 from .errors import RunStateError
 from .scanner import KeyRange
+
+log = structlog.get_logger(__name__)
 
 # "incomplete": it ran to the end but skipped groups, which a resume retries.
 RESUMABLE = ("running", "interrupted", "failed", "incomplete")
@@ -29,31 +32,44 @@ def new_run_id() -> str:
 
 
 async def ensure_schema(conn: Conn, state: sql.StateSql) -> None:
-    """Create what is missing of the state schema, then check that this role may record runs
-    and their audit in it. Raises PrivilegeError, before anything changes, when it may not.
+    """Create what is missing of the state schema, or upgrade in place one an earlier release
+    made, then check that this role may record runs and their audit in it. Raises
+    PrivilegeError, before anything changes, when it may not; StateVersionError when a newer
+    release made it (left untouched).
 
     Nothing is created when everything exists, so a role that owns nothing works on a schema a
     DBA made with `init-state` (CREATE SCHEMA IF NOT EXISTS alone needs CREATE on the database).
+    An upgrade is one transaction: every statement, then the version marker, or nothing.
     """
     access = await privileges.inspect_state(conn, state)
-    if access.missing:
+    privileges.require_known_version(access)
+    if privileges.upgrade_statements(access, state):
+        privileges.require_upgrade(access)  # first: the SQL it names also creates the rest
         privileges.require_create(access)
-        # Serialize concurrent first runs: CREATE ... IF NOT EXISTS races on the catalog.
-        async with conn.transaction():
-            await conn.execute(sql.STATE_DDL_LOCK)
-            access = await privileges.inspect_state(conn, state)  # made meanwhile?
-            try:
-                for stmt in privileges.missing_statements(access, state):
-                    await conn.execute(stmt)
-            except asyncpg.InsufficientPrivilegeError as exc:
-                raise privileges.create_error(access, exc) from exc
+        # Serialize concurrent first runs: CREATE ... IF NOT EXISTS races on the catalog, and
+        # the second of two upgrades finds, under the lock, nothing left to do.
+        try:
+            async with conn.transaction():
+                found, done = await privileges.bring_up_to_date(conn, state)
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise privileges.ddl_refused(access, exc) from exc
+        if done and found.outdated:
+            log.info(
+                "state schema upgraded in place",
+                state_schema=state.schema,
+                from_version=found.version,
+                to_version=state.VERSION,
+            )
         access = await privileges.inspect_state(conn, state)
     privileges.require_state(access, write=True)
 
 
 async def schema_exists(conn: Conn, state: sql.StateSql, *, write: bool = False) -> bool:
     """Whether the runs and their audit exist. Raises PrivilegeError when they do but this role
-    may not read them (with `write`: record runs and audit rows in them)."""
+    may not read them (with `write`: record runs and audit rows in them, which needs an older
+    state schema upgraded first), StateVersionError when a newer release made them.
+
+    Reading needs no upgrade: the readers use only what the first state schema had."""
     return await privileges.check_state(conn, state, write=write)
 
 
@@ -108,6 +124,19 @@ class Checkpoints:
         return {"ranges": out}
 
 
+def recorded_pk(row: asyncpg.Record) -> tuple[str, ...]:
+    """The primary key column(s) a run identified rows by: `runs.pk_columns` (state schema
+    version 2), else the single `pk_column` (runs of earlier releases, or a version 1 schema
+    read without upgrading it)."""
+    columns = row.get("pk_columns")
+    return tuple(columns) if columns else (row["pk_column"],)
+
+
+def recorded_scope(row: asyncpg.Record) -> tuple[str, ...]:
+    """The --scope a run grouped by (`runs.scope_columns`; none before --scope)."""
+    return tuple(row.get("scope_columns") or ())
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunRecord:
     run_id: str
@@ -115,6 +144,8 @@ class RunRecord:
     command: str
     table_name: str
     key_column: str
+    pk_columns: tuple[str, ...]
+    scope: tuple[str, ...]
     checkpoint: dict[str, Any] | None
     renamed: int
     groups: int
@@ -129,6 +160,8 @@ class RunRecord:
             command=row["command"],
             table_name=row["table_name"],
             key_column=row["key_column"],
+            pk_columns=recorded_pk(row),
+            scope=recorded_scope(row),
             checkpoint=json.loads(cp) if cp else None,
             renamed=row["renamed"],
             groups=row["groups"],
@@ -182,6 +215,16 @@ async def start_run(
                     f"run {run_id} was on {rec.table_name}.{rec.key_column}, "
                     f"not {target.display}.{target.key}"
                 )
+            if rec.pk_columns != target.pk_columns:
+                raise RunStateError(
+                    f"run {run_id} identified rows by {','.join(rec.pk_columns)}, not "
+                    f"{target.pk}; pass --pk {','.join(rec.pk_columns)}"
+                )
+            if rec.scope != target.scope:
+                was = f"--scope {','.join(rec.scope)}" if rec.scope else "no --scope"
+                raise RunStateError(
+                    f"run {run_id} grouped its duplicates with {was}; resume it the same way"
+                )
             if rec.status not in RESUMABLE:
                 raise RunStateError(
                     f"run {run_id} is {rec.status}; nothing to resume "
@@ -199,6 +242,8 @@ async def start_run(
         target.pk,
         json.dumps(options, default=str),
         database_url,
+        list(target.pk_columns),
+        list(target.scope) or None,  # NULL: no --scope
     )
     return rid, None
 

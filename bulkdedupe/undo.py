@@ -94,6 +94,10 @@ def _blocking_hint(target: Target, rows: list[asyncpg.Record]) -> tuple[str, str
     if r["conname"]:
         what = f"unique constraint {r['conname']}"
         how = f"ALTER TABLE {target.qualified} DROP CONSTRAINT {sql.quote_ident(r['conname'])}"
+    elif target.partitions is not None:
+        # a partitioned index cannot be dropped CONCURRENTLY (its partitions' go with it)
+        what = f"unique index {r['schema']}.{r['index_name']}"
+        how = sql.drop_partitioned_index(r["schema"], r["index_name"])
     else:
         what = f"unique index {r['schema']}.{r['index_name']}"
         how = f"DROP INDEX CONCURRENTLY {sql.qualify(r['schema'], r['index_name'])}"
@@ -122,17 +126,18 @@ async def _find_run(conn: Conn, st: sql.StateSql, run_id: str, *, write: bool) -
 
 
 async def _resolve(conn: Conn, cfg: ConnectConfig, run: asyncpg.Record, write: bool) -> Target:
-    # The audit's pk column is the run's, whatever --pk says now.
-    target = await catalog.resolve(conn, replace(cfg, pk=cfg.pk or run["pk_column"]))
+    # The audit's pk column(s) are the run's, whatever --pk says now.
+    recorded = state.recorded_pk(run)
+    target = await catalog.resolve(conn, replace(cfg, pk=cfg.pk_columns or recorded))
     if run["table_name"] != target.display or run["key_column"] != target.key:
         raise RunStateError(
             f"run {run['run_id']} was on {run['table_name']}.{run['key_column']}, not "
             f"{target.display}.{target.key}; pass --table and --key of that run"
         )
-    if run["pk_column"] != target.pk:
+    if recorded != target.pk_columns:
         raise RunStateError(
-            f"run {run['run_id']} recorded rows by {run['pk_column']}, not {target.pk}; "
-            f"pass --pk {run['pk_column']}"
+            f"run {run['run_id']} recorded rows by {','.join(recorded)}, not {target.pk}; "
+            f"pass --pk {','.join(recorded)}"
         )
     await catalog.check_privileges(conn, target, write=write)
     if write:
@@ -284,6 +289,8 @@ async def undo(
         async with errors.boundary("undo"), db.connect(cfg) as control:
             run = await _find_run(control, st, ucfg.run_id, write=ucfg.apply)
             target = await _resolve(control, cfg, run, ucfg.apply)
+            # restores move rows back across partitions as the renames did (the dry run too)
+            catalog.check_row_movement(target, ucfg.allow_row_movement)
             if ucfg.disable_triggers:  # refused before anything changes (the dry run too)
                 await triggers.check_may_disable(control, target)
             # Hold the undone run's own lock: it must not be executing (or resumed) meanwhile.
@@ -291,9 +298,15 @@ async def undo(
             await source_lock.acquire()
             undoer = _Undoer(ucfg, target, cfg.state_schema)
             tally = undoer.tally
-            blocking = await control.fetch(
-                sql.UNIQUE_INDEXES_ON_COLUMN, target.oid, target.key_attnum
-            )
+            blocking = [
+                r
+                for r in await control.fetch(
+                    sql.UNIQUE_INDEXES_ON_COLUMN, target.oid, target.key_attnum
+                )
+                # a primary key holds the key only where the key partitions the table; a row
+                # keeps the rest of its primary key, so restoring its value cannot collide there
+                if not (r["indisprimary"] and target.key in target.pk_columns)
+            ]
             blocked_by = None
             if blocking and await control.fetchval(undoer.u.any_restorable, ucfg.run_id):
                 what, how = _blocking_hint(target, blocking)
@@ -383,6 +396,7 @@ async def _apply(
             "statement_timeout": ucfg.statement_timeout,
             "wal_compression": method or "server",
             "disable_triggers": ucfg.disable_triggers,
+            "allow_row_movement": ucfg.allow_row_movement,
         },
         database_url=redact_dsn(cfg.database_url),
     )

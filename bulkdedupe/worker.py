@@ -26,7 +26,7 @@ from .errors import (
     classify,
     from_driver,
 )
-from .planner import GroupPlan, Row, candidates, plan_groups
+from .planner import GroupPlan, Row, candidates, pk_label, plan_groups
 from .progress import Stats
 from .scanner import Group
 from .spool import DiskList
@@ -367,7 +367,7 @@ class Worker:
             # grouped as the unique index compares (bpchar: trailing blanks do not count), and
             # named by this batch's keys, so `seen` and the leftovers speak the scan's spelling
             plans, single = plan_groups(
-                [Row(r["pk"], r["k"]) for r in rows],
+                [Row(r["pk"], r["k"], r["g"] if self.q.scoped else None) for r in rows],
                 budget,
                 char_semantics=self.target.key_is_char,
                 asked=keys,
@@ -391,6 +391,7 @@ class Worker:
             self.run_id,
             [r.survivor_pk for r in renames],
             [r.old for r in renames],
+            [r.group for r in renames],
         )
         if int(status.split()[-1]) != len(renames):
             raise StaleBatch(f"expected {len(renames)} renames, wrote {status}")
@@ -519,7 +520,11 @@ class Worker:
         for p in plans:
             for row in p.losers:
                 gens[row.pk] = candidates(
-                    self.template, row.value, row.pk, t.key_max_length, char_semantics=t.key_is_char
+                    self.template,
+                    row.value,
+                    pk_label(row.pk, composite=t.composite_pk),
+                    t.key_max_length,
+                    char_semantics=t.key_is_char,
                 )
                 owner[row.pk] = (row, p.survivor.pk, p.key)
         chosen: dict[Any, str] = {}
@@ -529,7 +534,7 @@ class Worker:
         for _ in range(MAX_CANDIDATE_ROUNDS):
             if not pending:
                 break
-            asking: dict[Any, str] = {}
+            asking: dict[Any, str] = {}  # pk -> the candidate asked for it
             asked: set[str] = set()
             for pk in pending:
                 for c in gens[pk]:
@@ -543,7 +548,11 @@ class Worker:
                 pending = []
                 break
             checked = await conn.fetch(
-                self.q.check_candidates, list(asking.values()), t.lock_prefix, self.apply
+                self.q.check_candidates,
+                list(asking.values()),
+                t.lock_prefix,
+                self.apply,
+                [owner[pk][2] for pk in asking],
             )
             free = {r["v"] for r in checked if r["locked"] and not r["taken"]}
             pending = []

@@ -270,7 +270,7 @@ async def test_a_chunk_finds_its_rows_by_primary_key_even_with_a_generic_plan(ds
             "read_chunk": (q.read_chunk, f"{ids}, '{JUNK}', {survivor}"),
             "apply_renames": (
                 q.apply_renames,
-                f"{ids}, {olds}, {news}, 'r', {survivors}, {olds}::text[]",
+                f"{ids}, {olds}, {news}, 'r', {survivors}, {olds}::text[], {olds}::text[]",
             ),
         }
         for name, (query, args) in statements.items():
