@@ -45,6 +45,9 @@ class Target:
     scope_attnums: tuple[int, ...] = ()
     # the scan's order: the scan index's leading columns (scope and key, in its order)
     scan_columns: tuple[str, ...] = ()
+    # with --scope: an index leads with the key, so new values are cheaply checked against the
+    # whole table, not only their scope
+    key_indexed: bool = True
     keep: tuple[OrderItem, ...]
     estimated_rows: int
     scan_index: str | None
@@ -86,6 +89,7 @@ class Target:
             scope=self.scope,
             scope_types=self.scope_types,
             scan_columns=self.scan_columns or (*self.scope, self.key),
+            new_values_table_wide=self.key_indexed,
         )
 
 
@@ -197,7 +201,11 @@ async def resolve(conn: Conn, cfg: ConnectConfig, keep: tuple[OrderItem, ...] = 
 
     scope = [await _scope_column(conn, name, columns, display, pk_names) for name in cfg.scope]
     scan_columns: tuple[str, ...] = ()
+    key_indexed = True
     if scope:
+        key_indexed = bool(
+            await conn.fetch(sql.KEY_INDEXES, oid, key["attnum"], key["attcollation"])
+        )
         wanted = [c["attnum"] for c in scope] + [key["attnum"]]
         index_rows = await conn.fetch(
             sql.SCOPED_KEY_INDEXES, oid, wanted, key["attcollation"], key["attnum"]
@@ -231,6 +239,7 @@ async def resolve(conn: Conn, cfg: ConnectConfig, keep: tuple[OrderItem, ...] = 
         scope_types=tuple(_array_safe_type(c) for c in scope),
         scope_attnums=tuple(c["attnum"] for c in scope),
         scan_columns=scan_columns,
+        key_indexed=key_indexed,
         estimated_rows=_estimated_rows(table_row, partitions),
         scan_index=_scan_index(index_rows, None if scope else partitions),
         partitions=partitions,

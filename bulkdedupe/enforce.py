@@ -79,12 +79,12 @@ async def inspect_index(conn: Conn, target: Target, name: str) -> IndexState | N
     matches = bool(
         on_table
         and row["indisunique"]
-        and row["indnatts"] == 1
-        and row["first_attnum"] == target.key_attnum
+        and list(row["attnums"]) == [*target.scope_attnums, target.key_attnum]
         and row["is_full"]
         and row["is_plain"]
         and row["amname"] == "btree"
-        and row["collation"] == target.key_collation
+        # the key's own collation, at the key's place (after the scope's columns)
+        and list(row["collations"])[len(target.scope_attnums)] == target.key_collation
     )
     return IndexState(
         oid=row["oid"],
@@ -157,7 +157,7 @@ class _Enforcer:
         self.ecfg = ecfg
         self.target = target
         self.stop = stop
-        self.name = ecfg.index_name or default_index_name(target.table, target.key)
+        self.name = ecfg.index_name or index_name_for(target.table, index_columns(target))
         self.phases: list[tuple[str, float]] = []
         self.attempts: list[EnforceAttempt] = []
         self.dropped = 0
@@ -279,8 +279,8 @@ class _Enforcer:
         transaction and may take long: no statement_timeout). Returns (outcome, error).
         `spot`: a partition's index instead of the table's."""
         if spot is None:
-            create = sql.create_unique_index_concurrently(
-                self.name, self.target.qualified, self.target.key
+            create = sql.create_unique_index_concurrently_on(
+                self.name, self.target.qualified, index_columns(self.target)
             )
         else:
             create = sql.create_unique_index_concurrently_on(spot.name, spot.table, spot.columns)
@@ -413,7 +413,7 @@ class _Enforcer:
         """Give one row another row's key inside a transaction that is always rolled back: a
         unique index must refuse it. Returns (rejected, explanation)."""
         t = self.target
-        probe = sql.prove_duplicate_rejected(t.qualified, t.key, t.pk_columns)
+        probe = sql.prove_duplicate_rejected(t.qualified, t.key, t.pk_columns, t.scope)
         tx = conn.transaction()
         await tx.start()
         try:

@@ -644,6 +644,9 @@ class TargetSql:
     scope: tuple[str, ...] = ()  # --scope: groups are rows equal on these and the key
     scope_types: tuple[str, ...] = ()
     scan_columns: tuple[str, ...] = ()  # the scan index's order of scope and key columns
+    # with --scope: check new values free in the whole table (an index leads with the key, so
+    # the probe is cheap), not only in their scope
+    new_values_table_wide: bool = True
 
     @cached_property
     def k(self) -> str:
@@ -892,7 +895,9 @@ WHERE {self.pk_is("t", f"$3::{self.pk_param}")} AND {same}"""
         if self.scoped:
             scope = ", ".join(f"(c.g::jsonb ->> {i})" for i in range(len(self.scope)))
             lock = f"jsonb_build_array({scope}, c.v::text)::text"
-            taken = f"t.{self.k} = c.v AND {self._scope_is('t', 'c.g')}"
+            taken = f"t.{self.k} = c.v"
+            if not self.new_values_table_wide:
+                taken += f" AND {self._scope_is('t', 'c.g')}"
         else:
             lock, taken = "c.v::text", f"t.{self.k} = c.v"
         return f"""
@@ -901,6 +906,12 @@ SELECT c.v::text AS v,
             ELSE true END AS locked,
        EXISTS (SELECT 1 FROM {self.table} t WHERE {taken}) AS taken
 FROM unnest($1::{self.key_type}[], $4::text[]) AS c(v, g)"""
+
+    def _new_value_scope(self) -> str:
+        # where a new value must be free: its scope (by the scan index), or the whole table
+        if not self.scoped or self.new_values_table_wide:
+            return ""
+        return self._same_scope("o", indexed=True)
 
     def _same_scope(self, alias: str, *, indexed: bool = False) -> str:
         # with --scope: the row is (still) in the scope of the rename's group, v.grp; found by
@@ -934,7 +945,7 @@ WITH v AS (
       -- re-checked with this statement's snapshot, taken after the candidate's advisory lock:
       -- a worker that wrote the same value and released its lock just before is seen here
       AND NOT EXISTS (SELECT 1 FROM {self.table} o
-                      WHERE o.{self.k} = v.new{self._same_scope("o", indexed=True)})
+                      WHERE o.{self.k} = v.new{self._new_value_scope()})
     RETURNING {self.pk_of("t")} AS pk, v.old_text, v.new
 )
 -- old_text: the old value's exact text ($6; a bpchar::text cast would drop trailing blanks,
@@ -980,6 +991,7 @@ INDEX_BY_NAME = """
 SELECT c.oid, c.relkind::text AS relkind,
        i.indrelid, i.indisunique, i.indisvalid, i.indisready, i.indnatts, i.indnkeyatts,
        i.indkey[0] AS first_attnum, i.indpred IS NULL AS is_full, i.indexprs IS NULL AS is_plain,
+       i.indkey::int2[] AS attnums, i.indcollation::oid[] AS collations,
        i.indcollation[0] AS collation, am.amname,
        CASE WHEN i.indexrelid IS NOT NULL THEN pg_get_indexdef(i.indexrelid) END AS definition,
        con.conname, con.contype::text AS contype
@@ -1025,10 +1037,6 @@ SET_DDL_SESSION = "SELECT set_config('statement_timeout', '0', false)"
 SET_LOCAL_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', $1, true)"
 
 
-def create_unique_index_concurrently(index: str, table: str, key: str) -> str:
-    return f"CREATE UNIQUE INDEX CONCURRENTLY {quote_ident(index)} ON {table} ({quote_ident(key)})"
-
-
 def add_unique_constraint_using_index(table: str, name: str) -> str:
     return (
         f"ALTER TABLE {table} ADD CONSTRAINT {quote_ident(name)} "
@@ -1036,19 +1044,29 @@ def add_unique_constraint_using_index(table: str, name: str) -> str:
     )
 
 
-def prove_duplicate_rejected(table: str, key: str, pk: tuple[str, ...]) -> str:
+def prove_duplicate_rejected(
+    table: str, key: str, pk: tuple[str, ...], scope: tuple[str, ...] = ()
+) -> str:
     """Give one row the key of another (run in a savepoint that is rolled back): a unique index
     must reject it. An UPDATE of the key alone cannot trip over NOT NULL columns the way an
-    INSERT of a copy would; SKIP LOCKED keeps it off rows the application is working on."""
+    INSERT of a copy would; SKIP LOCKED keeps it off rows the application is working on. With
+    `scope`, the two rows share their scope (a scope holding another row, found first)."""
     k = quote_ident(key)
     cols = [quote_ident(c) for c in pk]
     picked = ", ".join(f"t.{c} AS pk{i}" for i, c in enumerate(cols))
     same = " AND ".join(f"t.{c} = b.pk{i}" for i, c in enumerate(cols))
+    sc = [quote_ident(c) for c in scope]
+    a_cols = "".join(f", x.{c} AS s{i}" for i, c in enumerate(sc))
+    a_where = "".join(f" AND x.{c} IS NOT NULL" for c in sc)
+    if sc:
+        others = " AND ".join(f"y.{c} = x.{c}" for c in sc)
+        a_where += f" AND EXISTS (SELECT 1 FROM {table} y WHERE {others} AND y.{k} <> x.{k})"
+    b_where = "".join(f" AND t.{c} = a.s{i}" for i, c in enumerate(sc))
     return f"""
 WITH a AS (
-    SELECT {k} AS v FROM {table} WHERE {k} IS NOT NULL LIMIT 1
+    SELECT x.{k} AS v{a_cols} FROM {table} x WHERE x.{k} IS NOT NULL{a_where} LIMIT 1
 ), b AS (
-    SELECT {picked} FROM {table} t, a WHERE t.{k} IS DISTINCT FROM a.v
+    SELECT {picked} FROM {table} t, a WHERE t.{k} IS DISTINCT FROM a.v{b_where}
     LIMIT 1 FOR UPDATE OF t SKIP LOCKED
 )
 UPDATE {table} t SET {k} = a.v FROM a, b WHERE {same} RETURNING t.{cols[0]}"""
@@ -1428,7 +1446,7 @@ def create_unique_index_on_empty(index: str, table: str, columns: tuple[str, ...
 
 
 def create_unique_index_concurrently_on(index: str, table: str, columns: tuple[str, ...]) -> str:
-    """One partition's index (a leaf is a plain table: CONCURRENTLY works there)."""
+    """A table's (or one partition's: a leaf is a plain table) unique index on `columns`."""
     return f"CREATE UNIQUE INDEX CONCURRENTLY {quote_ident(index)} ON {table} ({_columns(columns)})"
 
 

@@ -316,3 +316,47 @@ async def test_partitioned_payments_unique_per_merchant_end_to_end(dsn: str) -> 
     # the same key in another merchant is still welcome
     await execute(dsn, "INSERT INTO payments (merchant_id, transaction_id) VALUES (1, 'tx-2')")
     del cfg
+
+
+@pytest.mark.parametrize("key_index", [True, False], ids=["key-indexed", "scope-index-only"])
+async def test_new_values_are_free_table_wide_when_an_index_leads_with_the_key(
+    dsn: str, key_index: bool
+) -> None:
+    await execute(
+        dsn,
+        """CREATE TABLE payments (id bigint PRIMARY KEY, merchant_id int,
+            transaction_id varchar(64), created_at timestamptz NOT NULL DEFAULT now())""",
+        "CREATE INDEX ON payments (merchant_id, transaction_id)",
+        "CREATE INDEX ON payments (transaction_id)" if key_index else "SELECT 1",
+        # merchant 1: 'a' twice (row 2 is renamed, to 'a-2' by the template); merchant 9
+        # already holds 'a-2', which its own scope's uniqueness does not forbid elsewhere
+        "INSERT INTO payments (id, merchant_id, transaction_id) "
+        "VALUES (1, 1, 'a'), (2, 1, 'a'), (3, 9, 'a-2')",
+    )
+    summary = await pipeline.run(connect(dsn, scope=SCOPE), apply_cfg())
+    assert summary.rows_renamed == 1
+    [(new,)] = await fetch(dsn, "SELECT transaction_id FROM payments WHERE id = 2")
+    # with an index on the key the probe is cheap and the value stays unique table-wide;
+    # without one it is checked (and unique) within its scope, which is what the index needs
+    assert new == ("a-2~1" if key_index else "a-2")
+
+
+async def test_enforce_with_scope_on_a_plain_table_builds_the_scoped_constraint(dsn: str) -> None:
+    await scoped_table(dsn)
+    code, out, err = await cli(
+        "enforce", "--scope", "merchant_id", "--constraint", "--format", "json", "-d", dsn
+    )
+    assert code == 0, out + err
+    assert await scoped_duplicates(dsn) == 0
+    [con] = await fetch(
+        dsn,
+        "SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint "
+        "WHERE conrelid = 'payments'::regclass AND contype = 'u'",
+    )
+    assert con["def"] == "UNIQUE (merchant_id, transaction_id)"
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await execute(
+            dsn,
+            "INSERT INTO payments (merchant_id, transaction_id, created_at) "
+            "VALUES (1, 'tx-1', now())",
+        )
