@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 from anyio.abc import ObjectReceiveStream, ObjectSendStream, TaskGroup
 
-from . import catalog, db, errors, scanindex, signals, sql, state, triggers
+from . import catalog, db, errors, scanindex, signals, spool, sql, state, triggers
 from .batching import LockBudget
 from .catalog import Target
 from .config import (
@@ -436,6 +436,7 @@ async def _refuse_before_writing(
 ) -> None:
     """The guardrails' queries and the scan index: refused here, before anything changes (a
     typo must not leave a state schema or a runs row behind)."""
+    spool.check_room(run_cfg.spool_dir)  # the scan must be able to run ahead of the renames
     if run_cfg.throttle.watches_database:
         # a broken --throttle-query or --replica-url fails here, before anything changes
         await sampler.check(control, run_cfg.throttle)

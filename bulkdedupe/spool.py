@@ -9,28 +9,84 @@ while the visibility map is still intact; the spool is what lets it run ahead.
 from __future__ import annotations
 
 import pickle
+import shutil
 import struct
 import tempfile
 from collections import deque
 from typing import IO, Generic, TypeVar
 
 import anyio
+import structlog
+
+from .errors import BulkDedupeError
+
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
 _LEN = struct.Struct("<I")
 
+# What the spool leaves free on its file system: it waits (backpressure on the scan) rather
+# than fill the disk. No other cap: at 500M rows a scan may spool 25M groups (~1.5 GB), and a
+# fixed cap would make the scan wait on the renames exactly when that hurts most. 1 GiB, or a
+# tenth of a small file system.
+DEFAULT_RESERVE = 1 << 30
+
+
+def reserve_for(directory: str | None) -> int:
+    return min(DEFAULT_RESERVE, shutil.disk_usage(spool_directory(directory)).total // 10)
+
+
+_RECHECK_BYTES = 8 << 20  # free space is looked at again after this much is written
+
+
+def spool_directory(directory: str | None) -> str:
+    return directory if directory is not None else tempfile.gettempdir()
+
+
+def free_bytes(directory: str | None) -> int:
+    return shutil.disk_usage(spool_directory(directory)).free
+
+
+def check_room(directory: str | None, reserve: int | None = None) -> None:
+    """Refuse up front, before any change, when the spool's file system has less free space
+    than the spool keeps free (it could not spool a single group)."""
+    where = spool_directory(directory)
+    try:
+        free = free_bytes(directory)
+        reserve = reserve_for(directory) if reserve is None else reserve
+    except OSError as exc:
+        raise BulkDedupeError(
+            f"the spool directory {where} cannot be used ({exc}); set TMPDIR to a writable "
+            "directory with free space"
+        ) from exc
+    if free < reserve:
+        raise BulkDedupeError(
+            f"the spool directory {where} has {free / 2**20:,.0f} MiB free, less than the "
+            f"{reserve / 2**20:,.0f} MiB bulkdedupe leaves free on it; free some space or set "
+            "TMPDIR to a file system with room (about 60 bytes per duplicate group)"
+        )
+
 
 class Spool(Generic[T]):
-    """put() never blocks until `max_bytes` wait on disk; get() returns None once closed and
+    """put() never blocks until the items waiting on disk reach `max_bytes` (None: no cap) or
+    the file system's free space falls to `reserve_bytes`; get() returns None once closed and
     drained. One producer side, any number of consumers (all in one event loop)."""
 
     def __init__(
-        self, *, memory_items: int = 64, max_bytes: int = 1 << 30, directory: str | None = None
+        self,
+        *,
+        memory_items: int = 64,
+        max_bytes: int | None = None,
+        reserve_bytes: int | None = None,
+        directory: str | None = None,
     ) -> None:
         self.memory_items = memory_items
         self.max_bytes = max_bytes
+        self._reserve = reserve_bytes  # None: reserve_for(directory), looked up when needed
         self.directory = directory
+        self._free_at: int | None = None  # _write_pos when free space was last looked at
+        self.disk_waits = 0  # times put() waited for disk room
         self._mem: deque[T] = deque()
         self._file: IO[bytes] | None = None
         self._write_pos = 0
@@ -50,7 +106,14 @@ class Spool(Generic[T]):
     async def put(self, item: T) -> None:
         if self._closed:
             raise RuntimeError("spool is closed")
-        while self._on_disk and self._write_pos - self._read_pos >= self.max_bytes:
+        while self._on_disk and self._full():
+            if not self.disk_waits:
+                log.warning(
+                    "spool waits for disk room: the scan pauses until the renames catch up",
+                    directory=spool_directory(self.directory),
+                    reserve_mib=self.reserve_bytes >> 20,
+                )
+            self.disk_waits += 1
             await self._changed.wait()  # the disk budget is spent: backpressure
         if not self._on_disk and len(self._mem) < self.memory_items:
             self._mem.append(item)
@@ -66,6 +129,24 @@ class Spool(Generic[T]):
             self.peak_disk_bytes = max(self.peak_disk_bytes, self._write_pos - self._read_pos)
         self._notify()
 
+    @property
+    def reserve_bytes(self) -> int:
+        if self._reserve is None:
+            self._reserve = reserve_for(self.directory)
+        return self._reserve
+
+    def _full(self) -> bool:
+        waiting = self._write_pos - self._read_pos
+        if self.max_bytes is not None and waiting >= self.max_bytes:
+            return True
+        if self._free_at is not None and self._write_pos - self._free_at < _RECHECK_BYTES:
+            return False
+        self._free_at = self._write_pos
+        if free_bytes(self.directory) >= self.reserve_bytes:
+            return False
+        self._free_at = None  # look again on the next put, once a get made room
+        return True
+
     def _read_one(self) -> T:
         assert self._file is not None
         self._file.seek(self._read_pos)
@@ -77,6 +158,7 @@ class Spool(Generic[T]):
             # drained: start the file over so it never grows past what is waiting
             self._file.truncate(0)
             self._write_pos = self._read_pos = 0
+            self._free_at = None
         return item
 
     async def get(self) -> T | None:

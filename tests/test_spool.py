@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bulkdedupe import spool as spool_module
+from bulkdedupe.errors import BulkDedupeError
 from bulkdedupe.spool import DiskList, Spool
 
 pytestmark = pytest.mark.anyio
@@ -99,3 +101,43 @@ def test_disk_list_holds_only_one_record_in_memory() -> None:
     assert items.take(1500) == list(range(1500))
     assert len(items._reading) == 500  # the rest of the second record, no more
     items.close()
+
+
+async def test_spool_has_no_fixed_cap_but_keeps_its_disk_reserve_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    free = {"bytes": 10 << 30}
+    monkeypatch.setattr(spool_module, "free_bytes", lambda directory: free["bytes"])
+    monkeypatch.setattr(spool_module, "_RECHECK_BYTES", 0)  # look at every put
+    sp: Spool[bytes] = Spool(memory_items=1, reserve_bytes=1 << 30)
+    for _ in range(50):  # far past any count or size limit the test would know of
+        await sp.put(b"x" * 1000)
+    assert len(sp) == 50 and sp.disk_waits == 0  # noqa: PT018
+    free["bytes"] = 512 << 20  # the file system fills up (with anything)
+    put_done = anyio.Event()
+
+    async def put_one() -> None:
+        await sp.put(b"late")
+        put_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(put_one)
+        await anyio.wait_all_tasks_blocked()
+        assert not put_done.is_set()  # backpressure, not a full disk
+        assert sp.disk_waits >= 1
+        free["bytes"] = 10 << 30  # the workers drained it, the disk has room again
+        got = await sp.get()
+        assert got is not None
+        with anyio.fail_after(5):
+            await put_done.wait()
+    sp.discard()
+
+
+def test_check_room_refuses_a_spool_directory_without_its_reserve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(spool_module, "free_bytes", lambda directory: 100 << 20)
+    monkeypatch.setattr(spool_module, "reserve_for", lambda directory: 1 << 30)
+    with pytest.raises(BulkDedupeError, match="has 100 MiB free, less than the 1,024 MiB"):
+        spool_module.check_room("/somewhere")
+    spool_module.check_room("/somewhere", reserve=50 << 20)  # enough: no error
