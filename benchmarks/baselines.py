@@ -1,12 +1,18 @@
 """The naive fixes bulkdedupe is compared with, run as their own process like the tool itself.
 
     python -m benchmarks.baselines one-statement -d DSN   # one UPDATE in one transaction
+    python -m benchmarks.baselines one-statement -d DSN --scope merchant_id --pk id,merchant_id
     python -m benchmarks.baselines per-row -d DSN [--max-seconds S] [--max-rows N]
     python -m benchmarks.baselines batched -d DSN [--concurrency N] [--batch-size N]
 
 All keep the lowest id of each group and rename the others to ``{value}-{id}``, exactly as
 ``bulkdedupe run`` does with its defaults, so every method must end with the same table. Each
 prints one JSON object on stdout with the fields of bulkdedupe's run summary it can fill.
+
+The one-statement UPDATE also takes a scope and a composite primary key (issue 11), as
+``bulkdedupe run --scope merchant_id`` on a table whose primary key is ``(id, merchant_id)``:
+groups are rows equal on (scope..., key), the survivor is the lowest primary key, the others
+become ``{value}-{id}-{merchant_id}`` (the key's values joined by ``-``, the tool's ``{pk}``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -77,9 +84,23 @@ class BaselineResult:
         return asdict(self)
 
 
-def _one_statement_sql(table: str, key: str, pk: str) -> str:
-    t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
-    return f"""
+def _columns(names: str | Sequence[str]) -> list[str]:
+    """``"id,merchant_id"`` or ``["id", "merchant_id"]`` -> ``["id", "merchant_id"]``."""
+    found = [c.strip() for c in names.split(",")] if isinstance(names, str) else list(names)
+    if not all(found):
+        raise ValueError(f"expected column names, got {names!r}")
+    return found
+
+
+def _one_statement_sql(
+    table: str, key: str, pk: str | Sequence[str], scope: Sequence[str] = ()
+) -> str:
+    t, k = quote_table(table), quote_ident(key)
+    pks = [quote_ident(c) for c in _columns(pk)]
+    if len(pks) == 1 and not scope:
+        # The plain table's statement, as it always was.
+        p = pks[0]
+        return f"""
         UPDATE {t} AS t
         SET {k} = t.{k} || '-' || t.{p}
         FROM (
@@ -89,18 +110,44 @@ def _one_statement_sql(table: str, key: str, pk: str) -> str:
         ) AS d
         WHERE t.{p} = d.pk AND d.rn > 1
     """
+    # A group: rows equal on (scope..., key), none of them NULL (NULLS DISTINCT, as the tool and
+    # a unique index see it); survivor: the lowest primary key; new value: {value}-{pk}, the pk's
+    # values joined by '-'.
+    sc = [quote_ident(c) for c in scope]
+    by = ", ".join([*sc, k])
+    not_null = " AND ".join(f"{c} IS NOT NULL" for c in [*sc, k])
+    suffix = " || '-' || ".join(f"t.{p}" for p in pks)
+    match = " AND ".join(f"t.{p} = d.pk{i}" for i, p in enumerate(pks))
+    selected = ", ".join(f"{p} AS pk{i}" for i, p in enumerate(pks))
+    return f"""
+        UPDATE {t} AS t
+        SET {k} = t.{k} || '-' || {suffix}
+        FROM (
+            SELECT {selected},
+                   row_number() OVER (PARTITION BY {by} ORDER BY {", ".join(pks)}) AS rn
+            FROM {t}
+            WHERE {not_null}
+        ) AS d
+        WHERE {match} AND d.rn > 1
+    """
 
 
 async def one_statement(
-    dsn: str, *, table: str = "payments", key: str = "transaction_id", pk: str = "id"
+    dsn: str,
+    *,
+    table: str = "payments",
+    key: str = "transaction_id",
+    pk: str | Sequence[str] = "id",
+    scope: Sequence[str] = (),
 ) -> BaselineResult:
     """The hand-written fix: every rename in one UPDATE, one transaction. The ceiling of raw
-    throughput, and every renamed row stays locked until the very end."""
+    throughput, and every renamed row stays locked until the very end. With ``scope`` (and a
+    composite ``pk``), duplicates within the scope, renamed as the tool renames them."""
     conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
     try:
         began = time.monotonic()
         async with conn.transaction():
-            status = await conn.execute(_one_statement_sql(table, key, pk))
+            status = await conn.execute(_one_statement_sql(table, key, pk, scope))
         seconds = time.monotonic() - began
     finally:
         await conn.close()
@@ -263,7 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-d", "--dsn", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--table", default="payments")
     parser.add_argument("--key", default="transaction_id")
-    parser.add_argument("--pk", default="id")
+    parser.add_argument(
+        "--pk", default="id", help="primary key column(s); one-statement: e.g. id,merchant_id"
+    )
+    parser.add_argument(
+        "--scope",
+        default="",
+        help="one-statement: columns that, with --key, must be unique, e.g. merchant_id",
+    )
     parser.add_argument("--max-seconds", type=float, default=None, help="per-row: stop after")
     parser.add_argument("--max-rows", type=int, default=None, help="per-row: stop after")
     parser.add_argument("--concurrency", type=int, default=4, help="batched: connections")
@@ -271,10 +325,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.dsn:
         parser.error("no DSN: pass -d/--dsn or set DATABASE_URL")
+    scope = [c.strip() for c in args.scope.split(",") if c.strip()]
+    if args.method != "one-statement" and (scope or "," in args.pk):
+        parser.error("--scope and a composite --pk: only with one-statement")
     names = {"table": args.table, "key": args.key, "pk": args.pk}
     try:
         if args.method == "one-statement":
-            result = asyncio.run(one_statement(args.dsn, **names))
+            result = asyncio.run(one_statement(args.dsn, **names, scope=scope))
         elif args.method == "batched":
             result = asyncio.run(
                 batched(args.dsn, **names, concurrency=args.concurrency, batch_size=args.batch_size)

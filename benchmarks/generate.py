@@ -430,7 +430,9 @@ def _insert_sql(spec: GenSpec, layout: Layout, target: str) -> str:
             f"% {m})::int,\n               "
         )
         slot_col = ", s"
-        merchant_cols = f",\n                   {_key_source_expr(layout)} AS ks, {_member_expr(layout)} AS m"
+        merchant_cols = (
+            f",\n                   {_key_source_expr(layout)} AS ks, {_member_expr(layout)} AS m"
+        )
     # Innermost first: each row's slot, its group, then one hash per column stream
     # (hashint8extended is what hash partitioning relies on, so it is stable across versions and
     # platforms). OFFSET 0 keeps each level from being inlined into the next, which would
@@ -438,8 +440,9 @@ def _insert_sql(spec: GenSpec, layout: Layout, target: str) -> str:
     # target list so it streams instead of materialising N rows in a tuplestore.
     # Amount and currency hash the *group*, so duplicates look like retried inserts of one
     # payment; status, created_at and payload hash the row, so group members still differ.
+    columns = f"id, {merchant_col}transaction_id, amount, currency, status, created_at, payload"
     return f"""
-        INSERT INTO {target} (id, {merchant_col}transaction_id, amount, currency, status, created_at, payload)
+        INSERT INTO {target} ({columns})
         SELECT n,
                {merchant}CASE WHEN g IS NULL THEN NULL {junk_key}ELSE {key} END,
                (abs(h_group % 10000000) / 100.0)::numeric(12, 2),
@@ -500,28 +503,42 @@ async def _generate(conn: asyncpg.Connection, spec: GenSpec, *, drop: bool) -> G
             await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
         if drop:
             await _drop_generated(conn, target)
+        scope = quote_ident(SCOPE_COLUMN)
+        merchant = f"{scope} int NOT NULL," if spec.merchants else ""
+        by = f" PARTITION BY HASH ({scope})" if spec.partitions else ""
         # Constraint and index names are PostgreSQL's defaults for `bigserial PRIMARY KEY`.
         await conn.execute(
             f"""
             CREATE TABLE {target} (
-                id bigserial NOT NULL,
+                id bigserial NOT NULL,{merchant}
                 transaction_id {spec.key_type},
                 amount numeric(12, 2) NOT NULL,
                 currency text NOT NULL,
                 status text NOT NULL,
                 created_at timestamptz NOT NULL,
                 payload jsonb
-            )
+            ){by}
             """
         )
+        for i in range(spec.partitions):
+            part = quote_ident(f"{name}_p{i}")
+            if schema is not None:
+                part = f"{quote_ident(schema)}.{part}"
+            await conn.execute(
+                f"CREATE TABLE {part} PARTITION OF {target} "
+                f"FOR VALUES WITH (MODULUS {spec.partitions}, REMAINDER {i})"
+            )
         await conn.execute(_insert_sql(spec, layout, target))
-        # Indexes after the load: one sorted build is several times faster than row-by-row.
+        # Indexes after the load: one sorted build is several times faster than row-by-row. On a
+        # partitioned table both are created on the parent (each partition gets its own).
+        pk, key_index = "id", "transaction_id"
+        if spec.merchants:
+            pk, key_index = f"id, {scope}", f"{scope}, transaction_id"
         await conn.execute(
-            f"ALTER TABLE {target} ADD CONSTRAINT {quote_ident(name + '_pkey')} PRIMARY KEY (id)"
+            f"ALTER TABLE {target} ADD CONSTRAINT {quote_ident(name + '_pkey')} PRIMARY KEY ({pk})"
         )
-        await conn.execute(
-            f"CREATE INDEX {quote_ident(name + '_transaction_id_idx')} ON {target} (transaction_id)"
-        )
+        index_name = name + ("_merchant_id" if spec.merchants else "") + "_transaction_id_idx"
+        await conn.execute(f"CREATE INDEX {quote_ident(index_name)} ON {target} ({key_index})")
         await conn.execute(f"COMMENT ON TABLE {target} IS '{_MARKER} seed={int(spec.seed)}'")
         await conn.execute(
             "SELECT setval(pg_get_serial_sequence($1, 'id'), $2, $3)",
@@ -531,7 +548,7 @@ async def _generate(conn: asyncpg.Connection, spec: GenSpec, *, drop: bool) -> G
         )
     await conn.execute(f"VACUUM (ANALYZE) {target}" if spec.vacuum else f"ANALYZE {target}")
     seconds = time.monotonic() - began
-    return await _measure(conn, spec.table, seconds)
+    return await _measure(conn, spec.table, seconds, scoped=bool(spec.merchants))
 
 
 async def _drop_generated(conn: asyncpg.Connection, target: str) -> None:
@@ -555,8 +572,12 @@ async def _drop_generated(conn: asyncpg.Connection, target: str) -> None:
     await conn.execute(f"DROP TABLE {target}")
 
 
-async def _measure(conn: asyncpg.Connection, table: str, seconds: float) -> GenStats:
+async def _measure(
+    conn: asyncpg.Connection, table: str, seconds: float, *, scoped: bool = False
+) -> GenStats:
+    """Counted by a query; with ``scoped``, a group is rows equal on (merchant_id, key)."""
     target = quote_table(table)
+    by = f"{quote_ident(SCOPE_COLUMN)}, transaction_id" if scoped else "transaction_id"
     totals = await conn.fetchrow(
         f"SELECT count(*) AS rows, count(*) - count(transaction_id) AS nulls FROM {target}"
     )
@@ -567,7 +588,7 @@ async def _measure(conn: asyncpg.Connection, table: str, seconds: float) -> GenS
         FROM (
             SELECT count(*) AS n FROM {target}
             WHERE transaction_id IS NOT NULL
-            GROUP BY transaction_id HAVING count(*) > 1
+            GROUP BY {by} HAVING count(*) > 1
         ) AS dup
         """
     )
@@ -603,6 +624,24 @@ def main(argv: list[str] | None = None) -> int:
         help="share of rows holding one junk value (one giant group)",
     )
     p.add_argument("--junk-value", default=DEFAULT_JUNK_VALUE, help="the junk value [default: '']")
+    p.add_argument(
+        "--merchants",
+        type=int,
+        default=0,
+        help="add merchant_id in 1..N, uniqueness per merchant, pk (id, merchant_id) [default: 0]",
+    )
+    p.add_argument(
+        "--cross-scope-fraction",
+        type=float,
+        default=0.0,
+        help="share of rows in pairs sharing a key under two different merchants",
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=0,
+        help="PARTITION BY HASH (merchant_id) into N partitions (needs --merchants)",
+    )
     p.add_argument("--payload-width", type=int, default=DEFAULT_PAYLOAD_WIDTH)
     p.add_argument(
         "--ordered-created-at",
@@ -629,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
             null_fraction=args.null_fraction,
             junk_fraction=args.junk_fraction,
             junk_value=args.junk_value,
+            merchants=args.merchants,
+            cross_scope_fraction=args.cross_scope_fraction,
+            partitions=args.partitions,
             payload_width=args.payload_width,
             shuffled_created_at=args.shuffled_created_at,
             vacuum=args.vacuum,

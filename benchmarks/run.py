@@ -4,8 +4,9 @@ production impact measured by a concurrent OLTP load (pgbench). Writes JSON, mar
     python -m benchmarks.run --quick|--full [-d DSN] [--rows N ...] [--configs c4b1000,...]
     python -m benchmarks.run --impact [--quick] [--rows 2000000] [--max-rates 1000,2000,...]
     python -m benchmarks.run --giant [--quick|--full] [--giant-rows 1000000] [--junk-fraction 0.2]
+    python -m benchmarks.run --partitioned [--quick|--full] [--partitioned-rows 5000000]
 
-Three parts. The matrix: the engine's speed (``--max-impact off``) over concurrency x batch size
+Four parts. The matrix: the engine's speed (``--max-impact off``) over concurrency x batch size
 and table sizes, against the one-statement UPDATE, a batched floor and a per-row script. The
 impact part (issue 10): what the application feels, at 2M rows, for the one-statement UPDATE,
 ``--max-impact off``, the default governor, ``--max-impact 1.5`` and a sweep of fixed
@@ -13,9 +14,13 @@ impact part (issue 10): what the application feels, at 2M rows, for the one-stat
 against the p99 ratio is plotted. The giant-group part (issue 12): a junk value shared by 20 % of
 the rows (one group) renamed by ``--max-impact off``, against the same number of renames spread as
 pairs on a table of the same size and against the one-statement UPDATE on the junk data; its
-floors are the group's rows/s over the pairs' and the tool's peak RSS. ``--quick``/``--full`` run
-all three parts (``--no-impact``, ``--no-giant`` leave one out); ``--impact`` or ``--giant`` run
-that part only.
+floors are the group's rows/s over the pairs' and the tool's peak RSS. The partitioned part
+(issue 11): ``payments PARTITION BY HASH (merchant_id)`` over 8 partitions, primary key ``(id,
+merchant_id)``, transaction_id unique per merchant; the one-statement UPDATE adapted to the scope,
+``run --apply --scope merchant_id`` and ``enforce --scope merchant_id`` (its phases' times) on
+identical fresh copies, with no load beside them. ``--quick``/``--full`` run all four parts
+(``--no-impact``, ``--no-giant``, ``--no-partitioned`` leave one out); ``--impact``, ``--giant``
+or ``--partitioned`` run that part only.
 
 Each table size is generated once into a template database; before every method a work database
 is cloned from it (``CREATE DATABASE ... TEMPLATE``), vacuumed, analyzed and checkpointed, so all
@@ -52,7 +57,7 @@ import anyio
 import asyncpg
 
 from benchmarks import generate as generator
-from benchmarks import pgbench, pgserver, report
+from benchmarks import partitioned, pgbench, pgserver, report
 from benchmarks.generate import GenSpec, quote_ident
 from benchmarks.oltp import OltpConfig, OltpResult, Sample, run_load
 from benchmarks.pgbench import PgbenchConfig
@@ -98,6 +103,10 @@ GIANT_QUICK_ROWS: Final = (100_000,)
 # quick suite's is short, so a slow engine cannot make `make bench` long.
 GIANT_MAX_SECONDS: Final = 900.0
 GIANT_QUICK_MAX_SECONDS: Final = 30.0
+# The partitioned part (issue 11): --full and --partitioned alone, the issue's 5M rows over 8
+# hash partitions; --quick (`make bench`) a 100k variant (about 15 s).
+PARTITIONED_ROWS: Final = (5_000_000,)
+PARTITIONED_QUICK_ROWS: Final = (100_000,)
 # Server settings worth knowing when reading the numbers.
 SETTINGS: Final = (
     "server_version",
@@ -149,15 +158,16 @@ def with_database(dsn: str, database: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class Method:
-    kind: str  # "idle" | "one-statement" | "bulkdedupe" | "batched" | "per-row"
+    kind: str  # "idle" | "one-statement" | "bulkdedupe" | "batched" | "per-row" | "enforce"
     # None: the tool's default (not passed on its command line).
     concurrency: int | None = None
     batch_size: int | None = None
     # The idle baseline runs first and last: the noise of a shared machine shows in the gap.
     after: bool = False
-    part: str = "matrix"  # "matrix" | "impact" | "giant"
+    part: str = "matrix"  # "matrix" | "impact" | "giant" | "partitioned"
     # The data set: the standard layout (DUP_FRACTION, mostly pairs), or the giant part's
-    # "junk" (one junk-value group, every other key unique) or "pairs" (its renames as pairs).
+    # "junk" (one junk-value group, every other key unique) or "pairs" (its renames as pairs),
+    # or the partitioned part's "partitioned" (hash-partitioned by merchant_id, scoped keys).
     shape: str = "standard"
     max_rate: float | None = None
     # `--max-impact`: "off", a ratio, or None for the tool's default (the governor). The
@@ -173,6 +183,12 @@ class Method:
         if self.part == "giant":
             data = {"junk": "one junk-value group", "pairs": "the same renames as pairs"}
             return f"{self.kind}, {data[self.shape]}"
+        if self.part == "partitioned":
+            return {
+                "one-statement": "one-statement UPDATE",
+                "bulkdedupe": "bulkdedupe run --apply",
+                "enforce": "bulkdedupe enforce",
+            }[self.kind]
         if self.kind != "bulkdedupe":
             return self.kind
         if self.part == "impact":
@@ -191,7 +207,7 @@ class Method:
     @property
     def governed(self) -> bool:
         """Needs `run --max-impact` (the governor): unavailable in a tool without it."""
-        return self.kind == "bulkdedupe" and self.max_impact != "off"
+        return self.kind in ("bulkdedupe", "enforce") and self.max_impact != "off"
 
     @property
     def role(self) -> str | None:
@@ -275,6 +291,23 @@ def giant_methods() -> list[Method]:
     ]
 
 
+def partitioned_methods() -> list[Method]:
+    """The partitioned part, per table size: the one-statement UPDATE, `run --apply` and
+    `enforce`, each with --scope merchant_id at full speed, on identical fresh copies."""
+    return [
+        Method(kind=kind, part="partitioned", shape="partitioned")
+        for kind in ("one-statement", "bulkdedupe", "enforce")
+    ]
+
+
+def _partitioned_sizes(args: argparse.Namespace) -> tuple[int, ...]:
+    if args.partitioned_rows:
+        return tuple(args.partitioned_rows)
+    if args.full or (args.partitioned and not args.quick):
+        return PARTITIONED_ROWS
+    return PARTITIONED_QUICK_ROWS
+
+
 def _giant_sizes(args: argparse.Namespace) -> tuple[int, ...]:
     if args.giant_rows:
         return tuple(args.giant_rows)
@@ -287,16 +320,19 @@ def _giant_sizes(args: argparse.Namespace) -> tuple[int, ...]:
 def build_suite(args: argparse.Namespace) -> Suite:
     full = args.full or (args.impact and not args.quick)
     plans: list[tuple[int, tuple[Method, ...]]] = []
-    if not args.impact and not args.giant:
+    only = args.impact or args.giant or args.partitioned
+    if not only:
         plans += _matrix_plans(args)
-    if not args.no_impact and not args.giant:
+    if not args.no_impact and not args.giant and not args.partitioned:
         rates = args.max_rates or (IMPACT_RATES if full else QUICK_IMPACT_RATES)
         methods = tuple(impact_methods(full=full, rates=rates))
         sizes = tuple(args.rows) if args.impact and args.rows else (IMPACT_ROWS,)
         plans += [(rows, methods) for rows in sizes]
     giant_sizes = _giant_sizes(args)
-    if not args.no_giant and not args.impact:
+    if not args.no_giant and not args.impact and not args.partitioned:
         plans += [(rows, tuple(giant_methods())) for rows in giant_sizes]
+    if not args.no_partitioned and not args.impact and not args.giant:
+        plans += [(rows, tuple(partitioned_methods())) for rows in _partitioned_sizes(args)]
     giant_max_seconds = args.giant_max_seconds
     if giant_max_seconds is None:
         quick = all(rows <= GIANT_QUICK_ROWS[-1] for rows in giant_sizes)
@@ -308,6 +344,10 @@ def build_suite(args: argparse.Namespace) -> Suite:
         name = "giant (custom)" if args.giant_rows else "giant"
         if not args.giant_rows and (args.full or args.quick):
             name += " (full)" if args.full else " (quick)"
+    if args.partitioned:
+        name = "partitioned (custom)" if args.partitioned_rows else "partitioned"
+        if not args.partitioned_rows and args.quick:
+            name += " (quick)"
     if args.load == "python":
         load: OltpConfig | PgbenchConfig = OltpConfig(
             rate=args.oltp_rate or 60.0, connections=args.oltp_connections or 8
@@ -411,13 +451,24 @@ def machine_info() -> dict[str, Any]:
 def _spec_for(suite: Suite, rows: int, shape: str = "standard") -> GenSpec:
     """The data set of ``shape`` at ``rows``: the standard layout; "junk", one junk-value group
     of ``junk_fraction`` of the rows, every other key unique; "pairs", as many renames as the
-    junk group's, all in pairs."""
+    junk group's, all in pairs; "partitioned", the standard duplicates within merchants of a
+    table hash-partitioned by merchant_id (plus keys shared across merchants)."""
     if shape == "junk":
         return GenSpec(
             rows=rows,
             dup_fraction=0.0,
             junk_fraction=suite.junk_fraction,
             junk_value=suite.junk_value,
+            seed=suite.seed,
+            table=TABLE,
+        )
+    if shape == "partitioned":
+        return GenSpec(
+            rows=rows,
+            dup_fraction=suite.dup_fraction,
+            merchants=partitioned.MERCHANTS,
+            cross_scope_fraction=partitioned.CROSS_SCOPE_FRACTION,
+            partitions=partitioned.PARTITIONS,
             seed=suite.seed,
             table=TABLE,
         )
@@ -542,11 +593,18 @@ class Server:
             self.created.append(name)
         log(f"generating {spec.rows:,} rows into {name} ...")
         conn = await asyncpg.connect(self.dsn(name))
+        extra: dict[str, Any] = {}
         try:
             stats = await generator.generate(conn, spec)
-            expected = await conn.fetchrow(EXPECTED_SQL)
+            scoped = bool(spec.merchants)
+            expected = await conn.fetchrow(partitioned.EXPECTED_SQL if scoped else EXPECTED_SQL)
             assert expected is not None
             size = await conn.fetchval("SELECT pg_database_size(current_database())")
+            if scoped:
+                extra = {
+                    "partitions": await conn.fetchval(partitioned.PARTITIONS_SQL),
+                    "cross_scope_keys": await conn.fetchval(partitioned.CROSS_SCOPE_SQL),
+                }
         finally:
             await conn.close()
         log(stats.summary())
@@ -557,6 +615,7 @@ class Server:
             "expected_checksum": expected["checksum"],
             "max_id": expected["max_id"] or 0,
             "database_bytes": size,
+            **extra,
         }
         async with self.admin() as admin:
             # Marks the template complete; no connections keeps autovacuum from blocking clones.
@@ -659,7 +718,11 @@ def tool_options() -> dict[str, Any]:
         check=False,
     ).stdout
     m = re.search(r"--max-impact\b[^\]]*?default:\s*([\w.]+)", out)
-    return {"max_impact": "--max-impact" in out, "max_impact_default": m.group(1) if m else None}
+    return {
+        "max_impact": "--max-impact" in out,
+        "max_impact_default": m.group(1) if m else None,
+        "scope": "--scope" in out,
+    }
 
 
 def run_child(argv: Sequence[str], timeout: float) -> Child:
@@ -697,6 +760,8 @@ def run_child(argv: Sequence[str], timeout: float) -> Child:
 
 def _argv(method: Method, dsn: str, suite: Suite, options: dict[str, Any]) -> list[str]:
     py = sys.executable
+    if method.part == "partitioned":
+        return _partitioned_argv(method, dsn, suite, options)
     if method.kind == "one-statement":
         return [py, "-m", "benchmarks.baselines", "one-statement", "-d", dsn]
     if method.kind == "batched":
@@ -723,6 +788,25 @@ def _argv(method: Method, dsn: str, suite: Suite, options: dict[str, Any]) -> li
     if method.part in ("impact", "giant"):
         argv += ["--max-runtime", f"{max_seconds(method, suite):g}s"]
     return argv + list(suite.bulkdedupe_args)
+
+
+def _partitioned_argv(method: Method, dsn: str, suite: Suite, options: dict[str, Any]) -> list[str]:
+    """The partitioned part's three commands, each scoped to merchant_id; the tool's pk is the
+    table's primary key (id, merchant_id), its default."""
+    py = sys.executable
+    if method.kind == "one-statement":
+        return [
+            *(py, "-m", "benchmarks.baselines", "one-statement", "-d", dsn),
+            *("--scope", partitioned.SCOPE, "--pk", partitioned.PK),
+        ]
+    argv = [py, "-m", "bulkdedupe", "--log-format", "json", "--log-level", "warning"]
+    if method.kind == "enforce":
+        argv += ["enforce", "-d", dsn, "--scope", partitioned.SCOPE, "--format", "json"]
+    else:
+        argv += ["run", "-d", dsn, "--apply", "--scope", partitioned.SCOPE, "--format", "json"]
+    if options["max_impact"]:
+        argv += ["--max-impact", "off"]
+    return argv + (list(suite.bulkdedupe_args) if method.kind == "bulkdedupe" else [])
 
 
 def max_seconds(method: Method, suite: Suite) -> float:
@@ -1031,6 +1115,9 @@ def unavailable(method: Method, options: dict[str, Any]) -> str | None:
     """Why this checkout's tool cannot run ``method``, if it cannot."""
     if method.governed and not options["max_impact"]:
         return "not available: this bulkdedupe's `run` has no --max-impact yet"
+    scoped = method.part == "partitioned" and method.kind != "one-statement"
+    if scoped and not options.get("scope", True):
+        return "not available: this bulkdedupe's `run` has no --scope yet"
     return None
 
 
@@ -1146,6 +1233,146 @@ async def measure(
     return record
 
 
+async def measure_partitioned(
+    server: Server,
+    suite: Suite,
+    method: Method,
+    meta: dict[str, Any],
+    version_num: int,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The partitioned part's measure: restore the data, run one method with no load beside it
+    (the pgbench scripts know no merchant_id), check the end state (and for enforce the index it
+    built): one record, with the fields of ``measure``'s that make sense without a load."""
+    rows = int(meta["spec"]["rows"])
+    record: dict[str, Any] = {
+        "method": method.kind,
+        "label": method.label,
+        "rows": rows,
+        "part": method.part,
+        "shape": method.shape,
+        "largest_group": meta["stats"]["largest_group"],
+        "role": None,
+        "concurrency": None,
+        "batch_size": None,
+        "max_rate": None,
+        "max_impact": method.max_impact if method.kind != "one-statement" else None,
+        "max_impact_effective": None,
+        "default_config": None,
+    }
+    if (why := unavailable(method, options)) is not None:
+        log(f"{rows:,} rows: {method.label}: {why}")
+        return record | {"available": False, "notes": [why]}
+    log(f"{rows:,} rows: restoring for {method.label} ...")
+    restore_s = await server.restore(meta["template"], meta["database_bytes"], version_num)
+    dsn = server.dsn(server.work_db)
+    argv = _argv(method, dsn, suite, options)
+    conn = await asyncpg.connect(dsn, server_settings=HARNESS)
+    try:
+        log(f"{rows:,} rows: running {method.label} ...")
+        lsn0 = await wal_lsn(conn)
+        child = await anyio.to_thread.run_sync(run_child, argv, METHOD_TIMEOUT)
+        lsn1 = await wal_lsn(conn)
+    finally:
+        await conn.close()
+    record |= {
+        "restore_s": round(restore_s, 2),
+        "window_s": [0.0, round(child.wall_s, 3)],
+        "wal_bytes_total": lsn1 - lsn0,
+        "wall_s": round(child.wall_s, 3),
+        "peak_rss_bytes": child.maxrss_bytes,
+        "process_cpu_s": round(child.cpu_s, 2),
+        "returncode": child.returncode,
+        "notes": [],
+    }
+    out = _last_json(child.stdout)
+    if out is None or child.returncode != 0:
+        record["error"] = (child.stderr.strip() or child.stdout.strip())[-2000:]
+        log(f"{method.label} failed (exit {child.returncode}): {record['error'][-300:]}")
+    if out is None:
+        record["correctness"] = {"passed": False}
+        return record
+    record["summary"] = {k: v for k, v in out.items() if k != "sample"}
+    if method.kind == "enforce":
+        attempts = out.get("attempts", [])
+        duration = float(out["duration_s"])
+        record |= {
+            "rows_renamed": sum(int(a.get("rows_renamed", 0)) for a in attempts),
+            "duration_s": duration,
+            "estimated_duration_s": duration,
+            "extrapolated": False,
+            "transactions": None,
+            "retries": 0,
+            "txn_ms_p50": None,
+            "txn_ms_p99": None,
+            "txn_ms_max": None,
+            "status": out.get("status"),
+            "stages": partitioned.stages(out),
+        }
+    else:
+        notes = record.pop("notes")
+        record |= figures(method, out)
+        record["notes"] = notes + record["notes"]
+    conn = await asyncpg.connect(dsn, server_settings=HARNESS)
+    try:
+        record["correctness"] = await check_partitioned(
+            conn, meta, record["rows_renamed"], enforce=out if method.kind == "enforce" else None
+        )
+    finally:
+        await conn.close()
+    if child.returncode != 0:
+        record["correctness"]["passed"] = False
+    return record
+
+
+async def check_partitioned(
+    conn: asyncpg.Connection,
+    meta: dict[str, Any],
+    renamed: int,
+    *,
+    enforce: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The partitioned part's end state: no duplicate within a merchant, exactly the expected
+    renames (the checksum of every row's (id, merchant_id, value)), as many as reported; for
+    enforce, its unique index valid on the parent and on every partition, and its proof."""
+    dup = await conn.fetchrow(partitioned.DUPLICATES_SQL)
+    st = await conn.fetchrow(partitioned.STATE_SQL)
+    assert dup is not None
+    assert st is not None
+    expected = int(meta["stats"]["rows_to_rename"])
+    result: dict[str, Any] = {
+        "expected_renamed": expected,
+        "reported_renamed": renamed,
+        "renamed_in_table": st["renamed"],
+        "duplicate_groups_left": dup["groups"],
+        "rows_to_rename_left": dup["extra"],
+        "checksum": st["checksum"],
+        "checksum_matches": st["checksum"] == meta["expected_checksum"],
+    }
+    result["passed"] = (
+        dup["groups"] == 0 and st["renamed"] == expected == renamed and result["checksum_matches"]
+    )
+    if enforce is not None:
+        schema = str(enforce.get("table", "public")).rpartition(".")[0] or "public"
+        index = None
+        if enforce.get("index"):
+            name = f"{quote_ident(schema)}.{quote_ident(str(enforce['index']))}"
+            idx = await conn.fetchrow(partitioned.INDEX_SQL, name)
+            index = dict(idx) if idx is not None else None
+        result["index"] = index
+        result["index_ok"] = bool(
+            enforce.get("ok")
+            and enforce.get("duplicate_rejected") is True
+            and index
+            and index["valid"]
+            and index["is_unique"]
+            and index["leaves"] == index["valid_leaf_indexes"] == meta.get("partitions")
+            and f"({partitioned.SCOPE}, transaction_id)" in index["definition"]
+        )
+        result["passed"] = result["passed"] and result["index_ok"]
+    return result
+
+
 def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Of repeated runs of one method, the one with the median time, or the first that went
     wrong (a wrong result must never hide behind a good repeat); each run's key figures kept."""
@@ -1259,6 +1486,13 @@ async def run_suite(suite: Suite, server: Server, *, fresh: bool = False) -> dic
                 "junk_value": suite.junk_value,
                 "max_seconds": suite.giant_max_seconds,
             },
+            "partitioned": {
+                "partitions": partitioned.PARTITIONS,
+                "merchants": partitioned.MERCHANTS,
+                "cross_scope_fraction": partitioned.CROSS_SCOPE_FRACTION,
+                "scope": partitioned.SCOPE,
+                "pk": partitioned.PK,
+            },
             "tool_options": options,
             "bulkdedupe_defaults": {
                 "concurrency": DEFAULT_CONCURRENCY,
@@ -1283,8 +1517,9 @@ async def run_suite(suite: Suite, server: Server, *, fresh: bool = False) -> dic
                     results["datasets"].append(meta)
             meta = metas[rows, method.shape]
             once = method.kind == "idle" or unavailable(method, options) is not None
+            how = measure_partitioned if method.part == "partitioned" else measure
             runs = [
-                await measure(server, suite, method, meta, info["version_num"], options)
+                await how(server, suite, method, meta, info["version_num"], options)
                 for _ in range(1 if once else suite.repeat)
             ]
             record = pick(runs)
@@ -1379,8 +1614,23 @@ def parser() -> argparse.ArgumentParser:
         f"{', '.join(f'{n:,}' for n in GIANT_QUICK_ROWS)}; --full: "
         f"{', '.join(f'{n:,}' for n in GIANT_FULL_ROWS)}]",
     )
+    part.add_argument(
+        "--partitioned",
+        action="store_true",
+        help="only the partitioned part (issue 11) [default size: "
+        f"{', '.join(f'{n:,}' for n in PARTITIONED_ROWS)}; --quick: "
+        f"{', '.join(f'{n:,}' for n in PARTITIONED_QUICK_ROWS)}]",
+    )
     part.add_argument("--no-impact", action="store_true", help="leave out the impact part")
     p.add_argument("--no-giant", action="store_true", help="leave out the giant-group part")
+    p.add_argument("--no-partitioned", action="store_true", help="leave out the partitioned part")
+    p.add_argument(
+        "--partitioned-rows",
+        type=int,
+        action="append",
+        help=f"partitioned part: table size(s), repeatable, over {partitioned.PARTITIONS} "
+        "hash partitions",
+    )
     p.add_argument(
         "--giant-rows",
         type=int,
@@ -1533,6 +1783,10 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--repeat must be at least 1")
     if args.giant and args.no_giant:
         parser().error("--giant and --no-giant: choose one")
+    if args.partitioned and args.no_partitioned:
+        parser().error("--partitioned and --no-partitioned: choose one")
+    if args.partitioned_rows and min(args.partitioned_rows) < 100:
+        parser().error("--partitioned-rows must be at least 100")
     if not 0 < args.junk_fraction < 0.5:
         parser().error("--junk-fraction must be in (0, 0.5)")
     if args.giant_rows and min(args.giant_rows) < 10:

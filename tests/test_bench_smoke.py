@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from benchmarks.baselines import extrapolate, per_row
+from benchmarks import partitioned
+from benchmarks.baselines import extrapolate, one_statement, per_row
 from benchmarks.generate import GenSpec, generate, plan
 from benchmarks.oltp import KINDS, OltpResult
 from benchmarks.pgbench import PgbenchConfig, find_pgbench, run_load
@@ -51,12 +52,12 @@ def test_bench_harness_end_to_end(dsn: str, tmp_path: Path) -> None:
         "--db-prefix": prefix,
     }
     argv = [sys.executable, "-m", "benchmarks.run", "-d", dsn, "--drop-templates", "--no-impact"]
-    argv += ["--no-giant", *(part for pair in options.items() for part in pair)]
+    argv += ["--no-giant", "--no-partitioned", *(part for pair in options.items() for part in pair)]
     proc = subprocess.run(
         argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=100, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "## Targets (issues 3, 10 and 12)" in proc.stdout
+    assert "## Targets (issues 3, 10, 11 and 12)" in proc.stdout
 
     (result_file,) = tmp_path.glob("*.json")
     results = json.loads(result_file.read_text())
@@ -223,6 +224,247 @@ async def test_generate_a_junk_group_on_top_of_the_usual_duplicates(dsn: str) ->
     assert junk["amounts"] > 900
     assert junk["lo"] < 200
     assert junk["hi"] > 3_800
+
+
+@pytest.mark.timeout(150)
+def test_bench_partitioned_part_end_to_end(dsn: str, tmp_path: Path) -> None:
+    """Issue 11's part on a tiny table: 4,000 rows over 8 hash partitions, unique per merchant;
+    the scoped one-statement UPDATE, `run --apply --scope` and `enforce --scope` on identical
+    copies, each end state checked, enforce's phases grouped and printed."""
+    prefix = f"smoke_{uuid.uuid4().hex[:10]}"
+    argv = [sys.executable, "-m", "benchmarks.run", "-d", dsn, "--drop-templates", "--partitioned"]
+    argv += ["--partitioned-rows", "4000", "--results-dir", str(tmp_path), "--db-prefix", prefix]
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, cwd=REPO_ROOT, timeout=130, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "## Partitioned: 4,000 rows over 8 hash partitions" in proc.stdout
+    assert "**bulkdedupe run / one-statement UPDATE: " in proc.stdout
+    assert "Every method left the same table" in proc.stdout
+    assert "- Load during every method" not in proc.stdout  # no load here: none is claimed
+
+    (result_file,) = tmp_path.glob("*.json")
+    results = json.loads(result_file.read_text())
+    assert results["suite"] == "partitioned (custom)"
+    (dataset,) = results["datasets"]
+    assert dataset["shape"] == "partitioned"
+    assert dataset["partitions"] == 8
+    assert dataset["cross_scope_keys"] == 20  # 1 % of 4,000 rows, in pairs
+    assert dataset["stats"]["rows_to_rename"] == 200
+
+    by = {r["method"]: r for r in results["methods"]}
+    assert set(by) == {"one-statement", "bulkdedupe", "enforce"}
+    for name, r in by.items():
+        assert r["part"] == "partitioned"
+        c = r["correctness"]
+        assert c["passed"], (name, c, r.get("error"))
+        assert c["duplicate_groups_left"] == 0
+        assert r["rows_renamed"] == c["renamed_in_table"] == 200
+        assert r["peak_rss_bytes"] > 10 * 1024 * 1024
+        assert r["wal_bytes"] is not None
+    # The same renames: one end state for all three.
+    assert len({r["correctness"]["checksum"] for r in by.values()}) == 1
+    assert by["one-statement"]["time_vs_one_statement"] == 1.0
+    assert by["bulkdedupe"]["time_vs_one_statement"] > 0
+    assert by["bulkdedupe"]["summary"]["status"] == "completed"
+
+    enforce = by["enforce"]
+    assert enforce["summary"]["status"] == "created"
+    assert enforce["summary"]["partitioned"] is True
+    assert len(enforce["summary"]["partition_indexes"]) == 8
+    index = enforce["correctness"]["index"]
+    assert index["valid"]
+    assert index["is_unique"]
+    assert index["leaves"] == index["valid_leaf_indexes"] == 8
+    stages = {s["stage"]: s for s in enforce["stages"]}
+    builds = stages["build the partitions' unique indexes CONCURRENTLY"]
+    assert builds["count"] == 8
+    assert stages["dedupe (audited run)"]["detail"] == "200 renames"
+    phases = sum(p["seconds"] for p in enforce["summary"]["phases"])
+    assert sum(s["seconds"] for s in stages.values()) == pytest.approx(
+        max(phases, enforce["duration_s"]), abs=0.01
+    )
+
+    targets = {t["target"]: t for t in results["targets"]}
+    what = "4k rows over 8 hash partitions, unique per merchant"
+    built = targets[
+        f"{what}: enforce builds the partitioned unique index (all 8 partitions valid and "
+        "attached) and proves a duplicate is rejected"
+    ]
+    assert built["status"] == "PASS"
+    ratio = by["bulkdedupe"]["duration_s"] / by["one-statement"]["duration_s"]
+    shown = targets[f"{what}: run --apply --scope (--max-impact off) vs the one-statement UPDATE"]
+    assert f"{ratio:.2f}x" in shown["detail"]
+    assert targets[f"{what}: enforce's phases"]["status"] == "SHOWN"
+    assert results["targets"][0]["status"] == "PASS"  # every method left the expected table
+    assert asyncio.run(_databases(dsn, prefix)) == []
+
+
+def test_partitioned_part_is_in_the_suites_and_scoped() -> None:
+    """`make bench-full` has the issue's 5M rows over 8 partitions, `make bench` the 100k
+    variant; every command of the part is scoped to merchant_id, the tool at full speed."""
+    from benchmarks.run import (
+        PARTITIONED_QUICK_ROWS,
+        PARTITIONED_ROWS,
+        build_suite,
+        partitioned_methods,
+    )
+
+    def sizes(*argv: str) -> list[int]:
+        suite = build_suite(parser().parse_args(list(argv)))
+        return [rows for rows, methods in suite.plans if methods[0].part == "partitioned"]
+
+    assert sizes("--full") == list(PARTITIONED_ROWS) == [5_000_000]
+    assert sizes("--quick") == sizes() == list(PARTITIONED_QUICK_ROWS) == [100_000]
+    assert sizes("--partitioned") == [5_000_000]
+    assert sizes("--partitioned", "--quick") == [100_000]
+    assert sizes("--partitioned", "--partitioned-rows", "2000") == [2000]
+    assert sizes("--quick", "--no-partitioned") == []
+    assert sizes("--impact") == sizes("--giant") == []
+    only = build_suite(parser().parse_args(["--partitioned"]))
+    assert {m.part for _, methods in only.plans for m in methods} == {"partitioned"}
+
+    suite = Suite(name="t", plans=())
+    spec = _spec_for(suite, 5_000_000, "partitioned")
+    assert (spec.partitions, spec.merchants) == (8, 1000)
+    layout = plan(spec)
+    assert layout.rows_to_rename == 250_000  # 5 % of the rows, within merchants
+    (cross,) = [s for s in layout.segments if s.cross]
+    assert cross.size * cross.count == 50_000
+    options = {"max_impact": True, "max_impact_default": "3.0", "scope": True}
+    for method in partitioned_methods():
+        argv = _argv(method, "postgresql://x", suite, options)
+        assert argv[argv.index("--scope") + 1] == "merchant_id"
+        if method.kind == "one-statement":
+            assert argv[argv.index("--pk") + 1] == "id,merchant_id"
+        else:
+            assert argv[argv.index("--max-impact") + 1] == "off"
+            assert argv[argv.index("--format") + 1] == "json"
+            assert unavailable(method, options | {"scope": False}) is not None
+    kinds = [m.kind for m in partitioned_methods()]
+    assert kinds == ["one-statement", "bulkdedupe", "enforce"]
+
+
+@pytest.mark.anyio
+async def test_generate_a_hash_partitioned_table_unique_per_merchant(dsn: str) -> None:
+    spec = GenSpec(
+        rows=4_000, merchants=50, cross_scope_fraction=0.02, partitions=4, payload_width=0
+    )
+    stats = await generate(dsn, spec)
+    layout = plan(spec)
+    assert stats.rows_to_rename == layout.rows_to_rename == 200
+    conn = await asyncpg.connect(dsn)
+    try:
+        leaves = await conn.fetchval(
+            "SELECT count(*) FROM pg_partition_tree('payments') WHERE isleaf"
+        )
+        strategy = await conn.fetchval(
+            "SELECT partstrat::text FROM pg_partitioned_table "
+            "WHERE partrelid = 'payments'::regclass"
+        )
+        indexes = {
+            r["name"]: r["definition"]
+            for r in await conn.fetch(
+                "SELECT c.relname AS name, pg_get_indexdef(i.indexrelid) AS definition "
+                "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = 'payments'::regclass"
+            )
+        }
+        # Every duplicate group lies within one merchant; across merchants only the planned
+        # cross-scope pairs share a key.
+        unscoped = await conn.fetchrow(
+            "SELECT count(*) FILTER (WHERE merchants > 1) AS cross_keys, "
+            "max(merchants) AS most_merchants, "
+            "count(*) FILTER (WHERE merchants > 1 AND n <> 2) AS odd_cross "
+            "FROM (SELECT transaction_id, count(*) AS n, count(DISTINCT merchant_id) AS merchants "
+            "FROM payments GROUP BY transaction_id) AS g"
+        )
+        merchants = await conn.fetchrow(
+            "SELECT min(merchant_id) AS lo, max(merchant_id) AS hi, "
+            "count(DISTINCT merchant_id) AS n FROM payments"
+        )
+    finally:
+        await conn.close()
+    assert leaves == 4
+    assert strategy == "h"
+    assert "(id, merchant_id)" in indexes["payments_pkey"]
+    assert "(merchant_id, transaction_id)" in indexes["payments_merchant_id_transaction_id_idx"]
+    assert unscoped is not None
+    assert unscoped["cross_keys"] == 40  # 2 % of 4,000 rows, in pairs
+    assert unscoped["most_merchants"] == 2
+    assert unscoped["odd_cross"] == 0
+    assert merchants is not None
+    assert (merchants["lo"], merchants["hi"]) == (1, 50)
+
+
+def test_scoped_one_statement_renames_within_the_scope_as_the_tool_does(dsn: str) -> None:
+    """The one-statement baseline with a scope and a composite pk: only rows equal on (scope,
+    key) are duplicates, NULL never is, the survivor is the lowest pk, the others become
+    {value}-{id}-{merchant_id}."""
+
+    async def go() -> list[tuple[int, int, str | None]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                "CREATE TABLE payments (id bigint, merchant_id int, transaction_id text, "
+                "PRIMARY KEY (id, merchant_id))"
+            )
+            await conn.executemany(
+                "INSERT INTO payments VALUES ($1, $2, $3)",
+                [(1, 1, "a"), (2, 1, "a"), (3, 2, "a"), (4, 1, None), (5, 1, None), (6, 1, "a")],
+            )
+        finally:
+            await conn.close()
+        result = await one_statement(dsn, pk="id,merchant_id", scope=["merchant_id"])
+        assert result.rows_renamed == 2
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch("SELECT * FROM payments ORDER BY id")
+        finally:
+            await conn.close()
+        return [(r["id"], r["merchant_id"], r["transaction_id"]) for r in rows]
+
+    assert sync(go()) == [
+        (1, 1, "a"),
+        (2, 1, "a-2-1"),
+        (3, 2, "a"),
+        (4, 1, None),
+        (5, 1, None),
+        (6, 1, "a-6-1"),
+    ]
+
+
+def test_enforce_stages_group_its_phases() -> None:
+    summary = {
+        "duration_s": 10.0,
+        "attempts": [
+            {"number": 1, "outcome": "duplicates", "partition": "public.p0", "rows_renamed": 7},
+            {"number": 2, "outcome": "built", "partition": "public.p0", "rows_renamed": 0},
+            {"number": 1, "outcome": "built", "partition": "public.p1", "rows_renamed": 0},
+        ],
+        "phases": [
+            {"phase": "inspect", "seconds": 0.1},
+            {"phase": "create partitioned index (ON ONLY)", "seconds": 0.1},
+            {"phase": "build public.p0 (attempt 1)", "seconds": 1.0},
+            {"phase": "drop invalid index public.p0 (attempt 1)", "seconds": 0.5},
+            {"phase": "dedupe public.p0 (attempt 1)", "seconds": 4.0},
+            {"phase": "build public.p0 (attempt 2)", "seconds": 1.5},
+            {"phase": "attach partition indexes", "seconds": 0.2},
+            {"phase": "build public.p1 (attempt 1)", "seconds": 2.0},
+            {"phase": "check valid", "seconds": 0.05},
+            {"phase": "prove", "seconds": 0.05},
+            {"phase": "something new", "seconds": 0.1},
+        ],
+    }
+    stages = {s["stage"]: s for s in partitioned.stages(summary)}
+    assert stages["failed builds (duplicates)"]["seconds"] == 1.0
+    builds = stages["build the partitions' unique indexes CONCURRENTLY"]
+    assert (builds["seconds"], builds["count"]) == (3.5, 2)
+    assert builds["detail"] == "2 partitions, 1.50–2.00 s each"
+    assert stages["dedupe (audited run)"]["detail"] == "7 renames"
+    assert stages["something new"]["seconds"] == 0.1
+    assert stages["outside the phases (connect, locks, catalog)"]["seconds"] == pytest.approx(0.4)
+    assert sum(s["seconds"] for s in stages.values()) == pytest.approx(10.0)
 
 
 async def _pgbench_for(dsn: str, seconds: float, max_id: int) -> OltpResult:
