@@ -450,6 +450,13 @@ def handle_errors(f: Callable[..., int]) -> Callable[..., None]:
         except KeyboardInterrupt:
             click.echo("bulkdedupe: interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+        except BaseExceptionGroup as group:
+            # Ctrl-C that surfaced inside a task group: an interruption all the same
+            _, rest = group.split(KeyboardInterrupt)
+            if rest is not None:
+                raise
+            click.echo("bulkdedupe: interrupted", err=True)
+            ctx.exit(EXIT_INTERRUPTED)
         ctx.exit(code)
 
     return wrapper

@@ -672,6 +672,14 @@ async def enforce(
     ecfg = ecfg or EnforceConfig()
     stop = stop or anyio.Event()
     started = anyio.current_time()
+    # SIGINT/SIGTERM set `stop` from before the first query to the result
+    with signals.stop_on_signal(stop, enabled=handle_signals):
+        return await _enforce(cfg, ecfg, stop, started)
+
+
+async def _enforce(
+    cfg: ConnectConfig, ecfg: EnforceConfig, stop: anyio.Event, started: float
+) -> EnforceResult:
     async with errors.boundary("enforce"), db.connect(cfg) as conn:
         await conn.fetchval(sql.SET_DDL_SESSION)
         target = await _resolve(conn, cfg)
@@ -697,8 +705,6 @@ async def enforce(
 
         structlog.contextvars.bind_contextvars(table=target.display, index=e.name)
         tasks: list[Callable[[], Coroutine[Any, Any, None]]] = [e.cancel_build_on_stop]
-        if handle_signals:
-            tasks.append(lambda: signals.set_on_signal(stop))
         status = "already_enforced"
         try:
             async with signals.alongside(*tasks):

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import re
 import shlex
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -216,6 +216,7 @@ async def run(
         _check_output(run_cfg.output)
     async with (
         errors.boundary("run"),
+        _listening(stop, handle_signals),
         db.connect(cfg) as control,
         db.pool(
             cfg,
@@ -235,7 +236,7 @@ async def run(
             resources=resources,
         )
         try:
-            await _engine(r, handle_signals=handle_signals)
+            await _engine(r)
         finally:
             summary = await _finish_run(r)
         structlog.contextvars.unbind_contextvars("run_id", "table")
@@ -544,7 +545,14 @@ def _pace(
 # --- run: engine ---------------------------------------------------------------------------
 
 
-async def _engine(r: _Run, *, handle_signals: bool) -> None:
+@contextlib.asynccontextmanager
+async def _listening(stop: anyio.Event, handle_signals: bool) -> AsyncIterator[None]:
+    # SIGINT/SIGTERM set `stop` from before the first query to the final status written
+    with signals.stop_on_signal(stop, enabled=handle_signals):
+        yield
+
+
+async def _engine(r: _Run) -> None:
     """The side tasks (progress, monitor, checkpoints, signals, governor) around the work;
     sets r.status when the work has ended."""
     async with anyio.create_task_group() as side:
@@ -552,8 +560,6 @@ async def _engine(r: _Run, *, handle_signals: bool) -> None:
         side.start_soon(r.monitor.run)
         if r.apply:
             side.start_soon(_save_checkpoints, r)
-        if handle_signals:
-            side.start_soon(signals.set_on_signal, r.stop)
         if r.governor is not None:
             # the baseline is the application's latency before this run writes (or
             # reads) anything; the probe and the controller then run until the end

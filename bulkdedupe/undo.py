@@ -4,7 +4,6 @@ since are reported, never overwritten. Dry run by default."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -278,13 +277,16 @@ async def undo(
     in flight; running the same undo again goes on where it stopped.
     """
     stop = stop or anyio.Event()
+    # SIGINT/SIGTERM set `stop` from before the first query to the summary
+    with signals.stop_on_signal(stop, enabled=handle_signals):
+        return await _undo(cfg, ucfg, stop)
+
+
+async def _undo(cfg: ConnectConfig, ucfg: UndoConfig, stop: anyio.Event) -> UndoSummary:
     started = anyio.current_time()
     st = sql.StateSql(cfg.state_schema)
     status = "failed"
     undo_run_id: str | None = None
-    tasks: list[Callable[[], Coroutine[Any, Any, None]]] = []
-    if handle_signals:
-        tasks.append(lambda: signals.set_on_signal(stop))
     try:
         async with errors.boundary("undo"), db.connect(cfg) as control:
             run = await _find_run(control, st, ucfg.run_id, write=ucfg.apply)
@@ -318,15 +320,14 @@ async def undo(
                         f"changed: drop it first ({how}), then undo again"
                     )
             structlog.contextvars.bind_contextvars(undo_of=ucfg.run_id, table=target.display)
-            async with signals.alongside(*tasks):
-                if not ucfg.apply:
-                    await undoer.preview(control, stop)
-                    status = "blocked" if blocked_by else "completed"
-                    if stop.is_set():
-                        status = "interrupted"
-                else:
-                    status = await _apply(cfg, ucfg, control, st, target, undoer, stop)
-                    undo_run_id = undoer.run_id
+            if not ucfg.apply:
+                await undoer.preview(control, stop)
+                status = "blocked" if blocked_by else "completed"
+                if stop.is_set():
+                    status = "interrupted"
+            else:
+                status = await _apply(cfg, ucfg, control, st, target, undoer, stop)
+                undo_run_id = undoer.run_id
             await source_lock.release()
     finally:
         structlog.contextvars.unbind_contextvars("undo_of", "table")

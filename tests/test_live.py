@@ -347,6 +347,56 @@ async def test_signal_interrupts_cleanly_then_resume(
         await conn.close()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_signal_before_the_run_listens_for_it_still_ends_interrupted_with_a_summary(
+    dsn: str, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A signal while the run is still preparing (here: waiting to create its state schema)
+    used to raise KeyboardInterrupt inside a task group: a traceback, exit 1, no summary, the run
+    left 'running'. The run listens from before its first query now."""
+    conn, before, _ = await slow_table(dsn)
+    run_id = f"early-{signum.name}"
+    args = ["run", "--apply", "--run-id", run_id, "--format", "json", "-d", dsn]
+    app = await asyncpg.connect(dsn)
+    try:
+        ddl = app.transaction()
+        await ddl.start()
+        # the lock bulkdedupe takes to create (or upgrade) its state schema
+        await app.execute("SELECT pg_advisory_xact_lock(hashtextextended('bulkdedupe.ddl', 0))")
+        async with spawn(tmp_path, "early", *args) as proc:
+
+            async def waiting_for_the_ddl_lock() -> bool:
+                return bool(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                        "WHERE l.locktype = 'advisory' AND NOT l.granted "
+                        "AND a.application_name = 'bulkdedupe'"
+                    )
+                )
+
+            await faults_support.wait_until(
+                waiting_for_the_ddl_lock, "the run to wait for the DDL lock", proc=proc
+            )
+            proc.send_signal(signum)
+            await anyio.sleep(0.3)
+            assert proc.returncode is None  # it finishes its step first
+            await ddl.rollback()
+            with anyio.fail_after(60):
+                await proc.wait()
+        out, err = output(tmp_path, "early")
+        assert proc.returncode == EXIT_INTERRUPTED, err
+        assert "Traceback" not in err
+        summary = json.loads(out)
+        assert summary["status"] == "interrupted"
+        assert summary["rows_renamed"] == 0
+        row = await run_row(conn, run_id)
+        assert row is not None and row["status"] == "interrupted"  # noqa: PT018
+        assert await check_audit(conn, before) == 0
+    finally:
+        await app.close()
+        await conn.close()
+
+
 # --- one run, one process -------------------------------------------------------------------
 
 
