@@ -1131,13 +1131,7 @@ async def measure(
 ) -> dict[str, Any]:
     """Restore the data, run one method under the OLTP load, check the result: one record."""
     rows = int(meta["spec"]["rows"])
-    record: dict[str, Any] = {
-        "method": method.kind,
-        "label": method.label,
-        "rows": rows,
-        "part": method.part,
-        "shape": method.shape,
-        "largest_group": meta["stats"]["largest_group"],
+    record: dict[str, Any] = _record_head(method, meta) | {
         "role": method.role,
         "concurrency": method.concurrency,
         "batch_size": method.batch_size,
@@ -1233,6 +1227,18 @@ async def measure(
     return record
 
 
+def _record_head(method: Method, meta: dict[str, Any]) -> dict[str, Any]:
+    """The fields every measure's record starts with: what ran, on which data."""
+    return {
+        "method": method.kind,
+        "label": method.label,
+        "rows": int(meta["spec"]["rows"]),
+        "part": method.part,
+        "shape": method.shape,
+        "largest_group": meta["stats"]["largest_group"],
+    }
+
+
 async def measure_partitioned(
     server: Server,
     suite: Suite,
@@ -1245,13 +1251,7 @@ async def measure_partitioned(
     (the pgbench scripts know no merchant_id), check the end state (and for enforce the index it
     built): one record, with the fields of ``measure``'s that make sense without a load."""
     rows = int(meta["spec"]["rows"])
-    record: dict[str, Any] = {
-        "method": method.kind,
-        "label": method.label,
-        "rows": rows,
-        "part": method.part,
-        "shape": method.shape,
-        "largest_group": meta["stats"]["largest_group"],
+    record: dict[str, Any] = _record_head(method, meta) | {
         "role": None,
         "concurrency": None,
         "batch_size": None,

@@ -86,6 +86,17 @@ async def inspect_index(conn: Conn, target: Target, name: str) -> IndexState | N
         # the key's own collation, at the key's place (after the scope's columns)
         and list(row["collations"])[len(target.scope_attnums)] == target.key_collation
     )
+    return _index_state(row, on_table=on_table, matches=matches, constraint=row["conname"])
+
+
+def _index_state(
+    row: asyncpg.Record,
+    *,
+    on_table: bool,
+    matches: bool,
+    constraint: str | None,
+    attached_to: int | None = None,
+) -> IndexState:
     return IndexState(
         oid=row["oid"],
         relkind=row["relkind"],
@@ -94,7 +105,8 @@ async def inspect_index(conn: Conn, target: Target, name: str) -> IndexState | N
         valid=bool(row["indisvalid"]),
         matches=matches,
         definition=row["definition"],
-        constraint=row["conname"],
+        constraint=constraint,
+        attached_to=attached_to,
     )
 
 
@@ -136,16 +148,8 @@ async def inspect_spot(conn: Conn, spot: _Spot) -> IndexState | None:
         and row["amname"] == "btree"
         and row["column_collations"]
     )
-    return IndexState(
-        oid=row["oid"],
-        relkind=row["relkind"],
-        on_table=on_table,
-        unique=bool(row["indisunique"]),
-        valid=bool(row["indisvalid"]),
-        matches=matches,
-        definition=row["definition"],
-        constraint=None,
-        attached_to=row["attached_to"],
+    return _index_state(
+        row, on_table=on_table, matches=matches, constraint=None, attached_to=row["attached_to"]
     )
 
 
