@@ -73,6 +73,11 @@ class Target:
         return len(self.pk_columns) > 1
 
     @property
+    def key_in_pk(self) -> int | None:
+        """The key's place in the primary key (only a table partitioned by it has it there)."""
+        return self.pk_columns.index(self.key) if self.key in self.pk_columns else None
+
+    @property
     def lock_prefix(self) -> str:
         """Hashed with the value into the advisory lock key: `schema.table.column:`."""
         return f"{self.schema}.{self.table}.{self.key}:"

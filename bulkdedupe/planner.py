@@ -103,10 +103,15 @@ def plan_groups(
     return plans, single
 
 
-def pk_label(pk: Any, *, composite: bool) -> Any:
+def pk_label(pk: Any, *, composite: bool, without: int | None = None) -> Any:
     """What `{pk}` renders: the primary key's value, or for a composite key (carried as the JSON
-    array of its columns' text forms) those texts joined by `-`: `7-eu`."""
-    return "-".join(json.loads(pk)) if composite else pk
+    array of its columns' text forms) those texts joined by `-`: `7-eu`. `without`: the key's
+    own place in the primary key (a table partitioned by the key has it there), left out: the
+    template's {value} says it already, and it is the value being replaced."""
+    if not composite:
+        return pk
+    parts = json.loads(pk)
+    return "-".join(p for i, p in enumerate(parts) if i != without)
 
 
 def render(template: str, value: str, pk: Any) -> str:

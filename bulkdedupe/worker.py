@@ -522,7 +522,7 @@ class Worker:
                 gens[row.pk] = candidates(
                     self.template,
                     row.value,
-                    pk_label(row.pk, composite=t.composite_pk),
+                    pk_label(row.pk, composite=t.composite_pk, without=t.key_in_pk),
                     t.key_max_length,
                     char_semantics=t.key_is_char,
                 )

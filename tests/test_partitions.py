@@ -258,6 +258,8 @@ async def test_hash_partitioned_by_the_key_run_and_undo_move_rows(dsn: str) -> N
         assert sum(1 for k, _ in now.values() if k == value) == 1
     moved = [i for i in expected.losers if now[i][1] != baseline[i][1]]
     assert moved  # hash partitioning: most renamed rows now live in another partition
+    # {pk} leaves out the key's own place in the primary key (id, transaction_id): tx-3-17
+    assert all(now[i][0] == f"{old}-{i}" for i, (old, _) in expected.losers.items())
     assert await check_audit(dsn, "payments", baseline, key_in_pk=True) == expected.renamed
     assert (await verify(cfg)).ok
     options = await fetchval(
