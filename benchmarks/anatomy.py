@@ -39,7 +39,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -623,35 +622,7 @@ class Ctx:
 def _child(argv: Sequence[str], timeout: float, holder: dict[str, int]) -> suite_run.Child:
     """``benchmarks.run.run_child``, with the pid published for the sampler and user and
     system CPU apart."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        began = time.monotonic()
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=err, cwd=REPO_ROOT, env=suite_run.child_env()
-        )
-        holder["pid"] = proc.pid
-        killed = False
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if not killed and time.monotonic() - began > timeout:
-                proc.kill()
-                killed = True
-            time.sleep(0.02)
-        wall = time.monotonic() - began
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        holder["user_ms"] = int(usage.ru_utime * 1000)
-        holder["system_ms"] = int(usage.ru_stime * 1000)
-        out.seek(0)
-        err.seek(0)
-        return suite_run.Child(
-            returncode=proc.returncode,
-            stdout=out.read().decode(errors="replace"),
-            stderr=err.read().decode(errors="replace"),
-            wall_s=wall,
-            maxrss_bytes=usage.ru_maxrss * 1024,
-            cpu_s=usage.ru_utime + usage.ru_stime,
-        )
+    return suite_run.run_child(argv, timeout, holder)
 
 
 def tool_source() -> str:

@@ -11,25 +11,26 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from benchmarks.report import MAX_RSS_BYTES, MB, _error_line, _f, _shown, _size, _table
+from benchmarks.report import (
+    MAX_RSS_BYTES,
+    MB,
+    _error_line,
+    _f,
+    _shown,
+    _size,
+    _table,
+    part_records,
+    part_sizes,
+)
 
-__all__ = ["MIN_SHARE_OF_PAIRS", "markdown", "records", "targets"]
+__all__ = ["MIN_SHARE_OF_PAIRS", "PART", "markdown", "targets"]
 
 # Issue 12's floors: the group renamed at >= half the rows/s of ordinary pair-renames of the same
 # table size (both --max-impact off), the tool's peak RSS within MAX_RSS_BYTES.
 MIN_SHARE_OF_PAIRS: Final = 0.5
 
 
-def records(results: dict[str, Any], rows: int | None = None) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in results["methods"]
-        if r.get("part") == "giant" and (rows is None or r["rows"] == rows)
-    ]
-
-
-def _sizes(results: dict[str, Any]) -> list[int]:
-    return sorted({r["rows"] for r in records(results)})
+PART: Final = "giant"
 
 
 def _one(group: list[dict[str, Any]], method: str, shape: str) -> dict[str, Any] | None:
@@ -88,8 +89,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         status = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
         out.append({"target": name, "status": status, "detail": detail})
 
-    for rows in _sizes(results):
-        group = records(results, rows)
+    for rows in part_sizes(results, PART):
+        group = part_records(results, PART, rows)
         s = _what(rows, _group_rows(results, rows, group))
         g = _one(group, "bulkdedupe", "junk")
         pairs = _one(group, "bulkdedupe", "pairs")
@@ -207,8 +208,8 @@ def markdown(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     p = results["parameters"].get("giant", {})
     junk = p.get("junk_value", "")
-    for rows in _sizes(results):
-        group = records(results, rows)
+    for rows in part_sizes(results, PART):
+        group = part_records(results, PART, rows)
         group_rows = _group_rows(results, rows, group)
         pairs_ds = _dataset(results, rows, "pairs")
         renames = max(0, group_rows - 1)

@@ -11,9 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Final
 
-from benchmarks.report import MAX_OLTP_P99_VS_IDLE, _activity_line, _f, _shown, _size, _table
+from benchmarks.report import (
+    MAX_OLTP_P99_VS_IDLE,
+    _activity_line,
+    _f,
+    _shown,
+    _size,
+    _table,
+    part_records,
+    part_sizes,
+)
 
-__all__ = ["frontier_plot", "is_frontier", "markdown", "records", "targets"]
+__all__ = ["PART", "frontier_plot", "is_frontier", "markdown", "targets"]
 
 # Issue 10's floors, for the defaults on the 2M-row table under the pgbench mix.
 MAX_P99_RATIO: Final = MAX_OLTP_P99_VS_IDLE
@@ -23,16 +32,7 @@ MIN_RENAMES_PER_S: Final = 2500.0  # 100k renames in <= 40 s
 MIN_SHARE_OF_BEST_RATE: Final = 0.8
 
 
-def records(results: dict[str, Any], rows: int | None = None) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in results["methods"]
-        if r.get("part") == "impact" and (rows is None or r["rows"] == rows)
-    ]
-
-
-def _sizes(results: dict[str, Any]) -> list[int]:
-    return sorted({r["rows"] for r in records(results)})
+PART: Final = "impact"
 
 
 def _ran(r: dict[str, Any]) -> bool:
@@ -94,9 +94,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         status = "SKIP" if ok is None else ("PASS" if ok else "FAIL")
         out.append({"target": name, "status": status, "detail": detail})
 
-    for rows in _sizes(results):
+    for rows in part_sizes(results, PART):
         s = f"{_size(rows)} impact"
-        group = records(results, rows)
+        group = part_records(results, PART, rows)
         d = next((r for r in group if r.get("role") == "default"), None)
         rates = [r for r in group if r.get("role") == "rate" and _ran(r)]
         within = [r for r in rates if r["oltp_p99_ratio"] <= MAX_P99_RATIO]
@@ -238,8 +238,8 @@ def markdown(results: dict[str, Any]) -> list[str]:
     """The impact part's section: its table, notes, the frontier and where the time went."""
     lines: list[str] = []
     p = results["parameters"]
-    for rows in _sizes(results):
-        group = records(results, rows)
+    for rows in part_sizes(results, PART):
+        group = part_records(results, PART, rows)
         lines += [
             "",
             f"## Production impact: {rows:,} rows under pgbench (issue 10)",
@@ -317,11 +317,13 @@ def frontier_plot(results: dict[str, Any], stem: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = [n for n in _sizes(results) if any(_ran(r) for r in records(results, n))]
+    sizes = [
+        n for n in part_sizes(results, PART) if any(_ran(r) for r in part_records(results, PART, n))
+    ]
     if not sizes:
         return None
     rows = sizes[-1]
-    group = [r for r in records(results, rows) if _ran(r)]
+    group = [r for r in part_records(results, PART, rows) if _ran(r)]
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     rates = sorted((r for r in group if r.get("role") == "rate"), key=lambda r: r["max_rate"])
     if rates:

@@ -18,16 +18,16 @@ import re
 from typing import Any, Final
 
 from benchmarks.generate import SCOPE_COLUMN
-from benchmarks.report import MB, _error_line, _f, _shown, _size, _table
+from benchmarks.report import MB, _error_line, _f, _shown, _size, _table, part_records, part_sizes
 
 __all__ = [
     "CROSS_SCOPE_FRACTION",
     "MERCHANTS",
+    "PART",
     "PARTITIONS",
     "PK",
     "SCOPE",
     "markdown",
-    "records",
     "stages",
     "targets",
 ]
@@ -97,16 +97,7 @@ INDEX_SQL: Final = f"""
 """
 
 
-def records(results: dict[str, Any], rows: int | None = None) -> list[dict[str, Any]]:
-    return [
-        r
-        for r in results["methods"]
-        if r.get("part") == "partitioned" and (rows is None or r["rows"] == rows)
-    ]
-
-
-def _sizes(results: dict[str, Any]) -> list[int]:
-    return sorted({r["rows"] for r in records(results)})
+PART: Final = "partitioned"
 
 
 def _one(group: list[dict[str, Any]], method: str) -> dict[str, Any] | None:
@@ -232,8 +223,8 @@ def _what(rows: int) -> str:
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Per table size: the ratio and enforce's phases shown; enforce's index judged."""
     out: list[dict[str, Any]] = []
-    for rows in _sizes(results):
-        group = records(results, rows)
+    for rows in part_sizes(results, PART):
+        group = part_records(results, PART, rows)
         s = _what(rows)
         one, tool, enforce = (_one(group, m) for m in ("one-statement", "bulkdedupe", "enforce"))
         if _ran(one) and _ran(tool) and one and tool and one["duration_s"] > 0:
@@ -320,8 +311,8 @@ def _row(r: dict[str, Any]) -> list[str]:
 def markdown(results: dict[str, Any]) -> list[str]:
     """The partitioned part's section: per table size, the data, the table, enforce's phases."""
     lines: list[str] = []
-    for rows in _sizes(results):
-        group = records(results, rows)
+    for rows in part_sizes(results, PART):
+        group = part_records(results, PART, rows)
         ds = _dataset(results, rows)
         lines += [
             "",

@@ -80,6 +80,22 @@ def _find(results: dict[str, Any], rows: int, pred: Any) -> dict[str, Any] | Non
     )
 
 
+def part_records(
+    results: dict[str, Any], part: str, rows: int | None = None
+) -> list[dict[str, Any]]:
+    """The records of one part of the suite (impact, giant, partitioned), of one size or all."""
+    return [
+        r
+        for r in results["methods"]
+        if r.get("part") == part and (rows is None or r["rows"] == rows)
+    ]
+
+
+def part_sizes(results: dict[str, Any], part: str) -> list[int]:
+    """The table sizes a part of the suite ran at, smallest first."""
+    return sorted({r["rows"] for r in part_records(results, part)})
+
+
 def _matrix(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in results["methods"] if r.get("part", "matrix") == "matrix"]
 

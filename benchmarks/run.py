@@ -725,11 +725,15 @@ def tool_options() -> dict[str, Any]:
     }
 
 
-def run_child(argv: Sequence[str], timeout: float) -> Child:
-    """Run a process to its end; its own peak RSS comes from ``wait4``, exact and per child."""
+def run_child(argv: Sequence[str], timeout: float, holder: dict[str, int] | None = None) -> Child:
+    """Run a process to its end; its own peak RSS comes from ``wait4``, exact and per child.
+    `holder` (for a sampler in another thread) gets its pid at once, then its user and system
+    CPU milliseconds apart."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         began = time.monotonic()
         proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=REPO_ROOT, env=child_env())
+        if holder is not None:
+            holder["pid"] = proc.pid
         killed = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -742,6 +746,9 @@ def run_child(argv: Sequence[str], timeout: float) -> Child:
         wall = time.monotonic() - began
         # wait4 reaped it: tell Popen, or it would try again.
         proc.returncode = os.waitstatus_to_exitcode(status)
+        if holder is not None:
+            holder["user_ms"] = int(usage.ru_utime * 1000)
+            holder["system_ms"] = int(usage.ru_stime * 1000)
         out.seek(0)
         err.seek(0)
         stderr = err.read().decode(errors="replace")
