@@ -66,7 +66,7 @@ TIMING_SETTINGS: Final = {"track_io_timing": "on", "track_wal_io_timing": "on"}
 # Enough to keep every segment of a 20M run's WAL for pg_waldump (the forensic runs only).
 WAL_KEEP: Final = "64GB"
 BLCKSZ: Final = 8192
-METHODS: Final = ("one-statement", "bulkdedupe", "scan")
+METHODS: Final = ("one-statement", "bulkdedupe", "bulkdedupe-key", "scan")
 
 
 def log(msg: str) -> None:
@@ -641,7 +641,8 @@ def _argv(method: str, dsn: str, trace_file: Path) -> list[str]:
     tool += ["--log-format", "json", "--log-level", "info"]
     if method == "scan":
         return [*tool, "scan", "-d", dsn, "--format", "json"]
-    return [*tool, "run", "-d", dsn, "--apply", "--format", "json", "--max-impact", "off"]
+    order = ["--order", "key"] if method == "bulkdedupe-key" else []
+    return [*tool, "run", "-d", dsn, "--apply", "--format", "json", "--max-impact", "off", *order]
 
 
 def _log_lines(stderr: str) -> list[dict[str, Any]]:
@@ -756,16 +757,21 @@ async def measure(
     split: float | None = None
     lines = _log_lines(child.stderr)
     scan_line = next((x for x in lines if x.get("event") == "scan finished"), None)
+    # heap order: the renames start once every group is decided, after the scan
+    decided = next((x for x in lines if str(x.get("event", "")).startswith("groups decided")), None)
     if scan_line is not None:
         record["scan_finished"] = {k: v for k, v in scan_line.items() if k != "event"}
         split = _epoch(scan_line["timestamp"]) - sampler.wall0
+    if decided is not None:
+        record["decided"] = {k: v for k, v in decided.items() if k != "event"}
+        split = _epoch(decided["timestamp"]) - sampler.wall0
     tool_pid = sampler.child.get("pid")
     flushed = end + SETTLE
     phases = {
         "idle before": phase_figures(sampler, 0.0, start, None),
         "run": phase_figures(sampler, start, end, tool_pid, flushed),
     }
-    if split is not None and method == "bulkdedupe":
+    if split is not None and method.startswith("bulkdedupe"):
         phases["scan"] = phase_figures(sampler, start, split, tool_pid)
         phases["renames"] = phase_figures(sampler, split, end, tool_pid, flushed)
         record["split_s"] = round(split, 3)
@@ -775,7 +781,7 @@ async def measure(
         trace_split = None if split is None else split + sampler.wall0 - raw["origin_wall"]
         record["trace"] = summarize_trace(raw, trace_split)
         trace_file.unlink()
-    if method in ("bulkdedupe", "one-statement") and out is not None:
+    if method != "scan" and out is not None:
         record["correctness"] = await _check(dsn, meta, int(out.get("rows_renamed", 0)))
     return record
 
@@ -877,7 +883,11 @@ def _table(header: str, rows: list[list[str]]) -> list[str]:
 
 
 def _label(r: dict[str, Any]) -> str:
-    names = {"bulkdedupe": "bulkdedupe run", "scan": "bulkdedupe scan"}
+    names = {
+        "bulkdedupe": "bulkdedupe run",
+        "bulkdedupe-key": "bulkdedupe run --order key",
+        "scan": "bulkdedupe scan",
+    }
     name = str(names.get(r["method"], r["method"]))
     return name + (" (WAL kept, pg_waldump)" if r["forensic"] else f" #{r['attempt']}")
 

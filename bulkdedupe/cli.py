@@ -36,6 +36,7 @@ from .config import (
     DEFAULT_MAX_IMPACT,
     DEFAULT_MAX_RETRIES,
     DEFAULT_MIN_BATCH_SIZE,
+    DEFAULT_ORDER,
     DEFAULT_SCAN_PAGE_SIZE,
     DEFAULT_SCANNERS,
     DEFAULT_STATE_SCHEMA,
@@ -45,6 +46,7 @@ from .config import (
     DEFAULT_TOP,
     DEFAULT_WAL_COMPRESSION,
     MAX_IMPACT_ENV,
+    ORDERS,
     WAL_COMPRESSION_CHOICES,
     ConnectConfig,
     EnforceConfig,
@@ -606,6 +608,16 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
     help="Workers renaming while the scan still runs (renames slow the scan down).",
 )
 @click.option(
+    "--order",
+    type=click.Choice(ORDERS),
+    default=DEFAULT_ORDER,
+    show_default=True,
+    help=(
+        "--apply: 'heap' decides groups as the scan finds them and renames in heap order "
+        "(fewer full-page images: each page about once); 'key' renames group by group."
+    ),
+)
+@click.option(
     "--keep",
     default=None,
     help=(
@@ -649,6 +661,7 @@ def run(
     target_batch_time: str,
     concurrency: int,
     concurrency_while_scanning: int,
+    order: str,
     keep: str | None,
     template: str,
     run_id: str | None,
@@ -679,6 +692,7 @@ def run(
         ),
         concurrency=concurrency,
         concurrency_while_scanning=concurrency_while_scanning,
+        order=order,
         keep=parse_keep(keep) if keep else (),
         template=template,
         run_id=run_id,

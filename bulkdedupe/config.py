@@ -21,6 +21,8 @@ DEFAULT_CONCURRENCY = 4
 DEFAULT_CONCURRENCY_WHILE_SCANNING = 1
 DEFAULT_TARGET_BATCH_TIME = 0.25
 DEFAULT_MIN_BATCH_SIZE = 10
+ORDERS = ("heap", "key")
+DEFAULT_ORDER = "heap"
 DEFAULT_TEMPLATE = "{value}-{pk}"
 DEFAULT_LOCK_TIMEOUT = 2.0
 DEFAULT_STATEMENT_TIMEOUT = 30.0
@@ -471,6 +473,9 @@ class RunConfig:
     # rename a key that partitions the table: each rename moves its row to another partition
     allow_row_movement: bool = False
     max_retries: int = DEFAULT_MAX_RETRIES
+    # --apply: rename in heap order (decide in key order, sort by heap position: sweep.py)
+    # or in key order, each batch deciding its groups under their locks
+    order: str = DEFAULT_ORDER
     create_scan_index: bool = False
     keep_scan_index: bool = False
     scan: ScanConfig = field(default_factory=ScanConfig)
@@ -497,6 +502,8 @@ class RunConfig:
         if self.lock_timeout <= 0 or self.statement_timeout <= 0:
             raise UsageError("--lock-timeout and --statement-timeout must be greater than zero")
         _check_wal_compression(self.wal_compression)
+        if self.order not in ORDERS:
+            raise UsageError(f"--order {self.order!r}: one of {', '.join(ORDERS)}")
         if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.run_id):
             raise UsageError(
                 f"--run-id {self.run_id!r}: use 1-64 letters, digits, '_', '-', '.', ':'"

@@ -68,10 +68,22 @@ async def connect(
             await conn.close()
 
 
+async def _keep_session(_: asyncpg.Connection) -> None:
+    """A pool's `reset` that sends nothing: asyncpg still rolls back an open transaction and
+    drops listeners on release, but skips its reset query (advisory unlock all, CLOSE ALL,
+    UNLISTEN, RESET ALL), one round trip per batch, for a pool whose sessions keep no state:
+    only transaction-level locks, SET LOCAL and cursors inside transactions."""
+
+
 @asynccontextmanager
 async def pool(
-    cfg: ConnectConfig, *, size: int, statement_timeout: float | None = None
+    cfg: ConnectConfig,
+    *,
+    size: int,
+    statement_timeout: float | None = None,
+    stateless: bool = False,
 ) -> AsyncIterator[asyncpg.Pool]:
+    """`stateless`: the pool's users leave no session state behind (see `_keep_session`)."""
     try:
         with anyio.fail_after(cfg.connect_timeout + 1):
             p = await asyncpg.create_pool(
@@ -83,6 +95,7 @@ async def pool(
                 # Pages and batches reuse a handful of statements: let asyncpg prepare them once
                 # per connection.
                 statement_cache_size=256,
+                reset=_keep_session if stateless else None,
             )
     except Exception as exc:
         raise _translate(exc, cfg) from None

@@ -40,6 +40,7 @@ from .progress import Reporter, Stats, percentile
 from .results import RunSummary, ScanReport, UpdateTrigger, VerifyResult
 from .scanner import Group, KeyRange, LargestGroups, plan_ranges, scan_range
 from .spool import Spool
+from .sweep import Sweep
 from .throttle import Stopping, Throttle
 from .worker import PlanWriter, Rename, Worker, WorkItem
 
@@ -222,6 +223,8 @@ async def run(
             cfg,
             size=_worker_tasks(run_cfg) + run_cfg.scan.scanners + 1,
             statement_timeout=run_cfg.scan.statement_timeout,
+            # batches and pages take transaction-level locks only: no reset query after each
+            stateless=True,
         ) as pool,
         contextlib.AsyncExitStack() as resources,
     ):
@@ -509,6 +512,7 @@ def _run_options(run_cfg: RunConfig, wal_method: str | None) -> dict[str, Any]:
         "wal_compression": wal_method or "server",
         "disable_triggers": run_cfg.disable_triggers,
         "allow_row_movement": run_cfg.allow_row_movement,
+        "order": run_cfg.order,
         "throttle": _throttle_options(run_cfg),
     }
 
@@ -576,6 +580,9 @@ async def _engine(r: _Run) -> None:
 async def _work(r: _Run, side: TaskGroup) -> None:
     """Scan -> spool -> pump -> bounded stream -> workers, until the scan has been worked off
     or the run stops (`_stop_when_asked`, in the side tasks, cancels the scan)."""
+    if r.apply and r.run_cfg.order == "heap":
+        await _work_in_heap_order(r, side)
+        return
     send, recv = anyio.create_memory_object_stream[WorkItem](max(2, r.run_cfg.concurrency * 2))
     async with anyio.create_task_group() as work:
         scan_scope = anyio.CancelScope()
@@ -585,6 +592,121 @@ async def _work(r: _Run, side: TaskGroup) -> None:
         async with recv:
             for _ in range(_worker_tasks(r.run_cfg)):
                 work.start_soon(_consume, r, recv.clone())
+
+
+async def _work_in_heap_order(r: _Run, side: TaskGroup) -> None:
+    """--apply in heap order (sweep.py): scan and decide, then rename in chunks sorted by
+    where the rows lie, then decide again the groups whose survivor changed meanwhile. The
+    checkpoint moves only once all of it is done (a resume scans again)."""
+    sweep = Sweep(directory=r.run_cfg.spool_dir)
+    decided: list[tuple[int, int, str | None]] = []  # the work items, for the checkpoint
+    try:
+        send, recv = anyio.create_memory_object_stream[WorkItem](max(2, r.run_cfg.concurrency * 2))
+        async with anyio.create_task_group() as work:
+            scan_scope = anyio.CancelScope()
+            work.start_soon(_produce, r, scan_scope)
+            work.start_soon(_pump, r.spool, send, r.stop)
+            side.start_soon(_stop_when_asked, r, scan_scope)
+            async with recv:
+                # reads only: nothing clears the visibility map under the scan, so no reason
+                # to decide with fewer connections while it runs
+                for _ in range(r.run_cfg.concurrency):
+                    work.start_soon(_decide, r, recv.clone(), sweep, decided)
+        if r.stop.is_set():
+            return
+        log.info(
+            "groups decided; renaming in heap order",
+            renames=len(sweep),
+            groups=r.stats.groups_done,
+            sorted_on_disk_bytes=sweep.entries.disk_bytes,
+            seconds=round(r.stats.elapsed(), 2),
+        )
+        async with anyio.create_task_group() as work:
+            for _ in range(_worker_tasks(r.run_cfg)):
+                work.start_soon(sweep.rename, r.worker(), r.pace.limiter, r.stop)
+        if sweep.gone:
+            r.stats.skip("no_longer_duplicate", sweep.gone)
+        worker = r.worker()
+        for group, pks in sweep.unplaceable.items():
+            await worker.record_unplaceable(group, len(pks), pks)
+        if r.stop.is_set():
+            return
+        await _decide_again(r, sorted(sweep.redo | sweep.giants))
+        if r.stop.is_set():
+            return
+        for rng, seq, last_key in decided:
+            r.checkpoints.complete(rng, seq, last_key)
+    finally:
+        sweep.close()
+
+
+async def _decide(
+    r: _Run,
+    items: ObjectReceiveStream[WorkItem],
+    sweep: Sweep,
+    decided: list[tuple[int, int, str | None]],
+) -> None:
+    """Heap order's consumer: decides each item's groups into the sweep (a resume's retried
+    groups are renamed at once, in key order: they are few and on record one by one)."""
+    worker = r.worker()
+    async with items:
+        async for item in items:
+            if r.stop.is_set() or not await r.throttle.wait_open():
+                return
+            try:
+                if item.retry:
+                    await worker.handle(item)
+                else:
+                    await worker.decide(item, sweep.add, sweep.giants)
+            except Stopping:
+                return
+            if not item.retry:
+                decided.append((item.range_index, item.seq, item.last_key))
+
+
+async def _decide_again(r: _Run, keys: list[str]) -> None:
+    """Groups the sweep hands back — their survivor changed, a chunk met contention that
+    persisted, a giant group (rows may have joined it) — by key-order batches, each reading its
+    groups under their locks and deciding on the data as it is now; --concurrency workers."""
+    if not keys:
+        return
+    log.info("deciding again in key order", groups=len(keys))
+    q = r.target.queries(r.cfg.state_schema)
+    send, recv = anyio.create_memory_object_stream[WorkItem](max(2, r.run_cfg.concurrency))
+
+    async def pack() -> None:
+        async with send, r.pool.acquire() as conn:
+            pending: list[Group] = []
+            renames = 0
+            for key in keys:
+                n = int(await conn.fetchval(q.count_key, key))
+                if n < 2:
+                    continue  # no longer a duplicate
+                pending.append(Group(key, n))
+                renames += n - 1
+                if renames >= r.pace.batch_size:
+                    await send.send(WorkItem(-1, 0, tuple(pending), None))
+                    pending, renames = [], 0
+            if pending:
+                await send.send(WorkItem(-1, 0, tuple(pending), None))
+
+    async def consume(items: ObjectReceiveStream[WorkItem]) -> None:
+        worker = r.worker()
+        async with items:
+            async for item in items:
+                if r.stop.is_set():
+                    return
+                async with r.pace.limiter:
+                    try:
+                        await worker.handle(item)
+                    except Stopping:
+                        return
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pack)
+        async with recv:
+            for _ in range(_worker_tasks(r.run_cfg)):
+                tg.start_soon(consume, recv.clone())
 
 
 async def _produce(r: _Run, scope: anyio.CancelScope) -> None:

@@ -8,11 +8,14 @@ while the visibility map is still intact; the spool is what lets it run ahead.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import pickle
 import shutil
 import struct
 import tempfile
 from collections import deque
+from collections.abc import Iterator
 from typing import IO, Generic, TypeVar
 
 import anyio
@@ -260,3 +263,83 @@ class DiskList(Generic[T]):
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class ExternalSort(Generic[T]):
+    """Items added in any order, then taken in sorted order, a few at a time, in flat memory:
+    every `run_items` added are sorted and written to a temporary file of their own (a run),
+    and taking merges the runs (heapq.merge: one record of each run in memory at a time). The
+    renames of a heap-order sweep: a million at 20M rows, ~25M at 500M."""
+
+    def __init__(
+        self,
+        *,
+        run_items: int = 200_000,
+        record_items: int = 2_000,
+        directory: str | None = None,
+    ) -> None:
+        self.run_items = run_items
+        self.record_items = record_items
+        self.directory = directory
+        self._buffer: list[T] = []
+        self._runs: list[IO[bytes]] = []
+        self._merged: Iterator[T] | None = None
+        self.count = 0
+        self.disk_bytes = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, item: T) -> None:
+        if self._merged is not None:
+            raise RuntimeError("items cannot be added once taking has started")
+        self._buffer.append(item)
+        self.count += 1
+        if len(self._buffer) >= self.run_items:
+            self._spill()
+
+    def _spill(self) -> None:
+        self._buffer.sort()
+        # closed by close(); lives until the sweep has taken every item
+        fh = tempfile.TemporaryFile(prefix="bulkdedupe-sort-", dir=self.directory)  # noqa: SIM115
+        for i in range(0, len(self._buffer), self.record_items):
+            data = pickle.dumps(self._buffer[i : i + self.record_items], pickle.HIGHEST_PROTOCOL)
+            fh.write(_LEN.pack(len(data)) + data)
+            self.disk_bytes += _LEN.size + len(data)
+        fh.flush()
+        self._runs.append(fh)
+        self._buffer = []
+
+    def _read(self, fh: IO[bytes]) -> Iterator[T]:
+        pos = 0
+        while True:
+            fh.seek(pos)  # runs share nothing, but each read seeks: merge interleaves them
+            head = fh.read(_LEN.size)
+            if not head:
+                return
+            (n,) = _LEN.unpack(head)
+            records: list[T] = pickle.loads(fh.read(n))  # noqa: S301 - our own file
+            pos += _LEN.size + n
+            yield from records
+
+    def _start(self) -> Iterator[T]:
+        if not self._runs:
+            self._buffer.sort()
+            items, self._buffer = self._buffer, []
+            return iter(items)
+        if self._buffer:
+            self._spill()
+        return heapq.merge(*(self._read(fh) for fh in self._runs))  # type: ignore[type-var]
+
+    def take(self, n: int) -> list[T]:
+        """The next `n` items in sorted order (fewer at the end; [] once all were taken)."""
+        if self._merged is None:
+            self._merged = self._start()
+        return list(itertools.islice(self._merged, n))
+
+    def close(self) -> None:
+        self._buffer = []
+        self._merged = None
+        for fh in self._runs:
+            fh.close()
+        self._runs = []

@@ -827,12 +827,27 @@ SELECT pg_advisory_xact_lock(h) FROM (
     FROM unnest($1::{self.group_param}[]) AS v ORDER BY h
 ) s"""
 
+    @cached_property
+    def lock_keys_shared(self) -> str:
+        """lock_keys, shared: a chunk of decided renames (sweep.py) needs no lock against the
+        tool's other chunks — they rename other rows of a group, each checking the survivor —
+        only against the application's find-or-create, which takes the lock exclusively, and
+        against a key-order batch deciding the group, which does too. Neighbouring chunks of a
+        heap-order sweep share groups (a group's rows lie all over the heap): exclusive, they
+        would queue behind each other. Same ascending order: no deadlock with either."""
+        return self.lock_keys.replace("pg_advisory_xact_lock(", "pg_advisory_xact_lock_shared(")
+
     def _order(self) -> str:
-        # NULLS always spelled out: PostgreSQL's default for DESC is NULLS FIRST (see OrderItem)
         # Qualified by the queries' alias `t`: a bare name in ORDER BY would first mean an
         # output column (a key column named "pk" would sort by the primary key).
-        parts = [f"t.{quote_ident(c)}" for c in self.scope] + [f"t.{self.k}"]
-        parts += [
+        return f"{self._group_columns()}, {self._keep_order()}"
+
+    def _group_columns(self) -> str:
+        return ", ".join([f"t.{quote_ident(c)}" for c in self.scope] + [f"t.{self.k}"])
+
+    def _keep_order(self) -> str:
+        # NULLS always spelled out: PostgreSQL's default for DESC is NULLS FIRST (see OrderItem)
+        parts = [
             "t."
             + quote_ident(o.column)
             + (" DESC" if o.descending else " ASC")
@@ -841,6 +856,29 @@ SELECT pg_advisory_xact_lock(h) FROM (
         ]
         parts += [f"t.{quote_ident(c)}" for c in self.pks]
         return ", ".join(parts)
+
+    # where the row lies: the heap-order sweep's sort key (the partition, then the page and
+    # the line pointer); read with the decision, so deciding costs no other query
+    _where_in_heap = ", t.tableoid::oid::bigint AS rel, t.ctid AS tid"
+
+    @cached_property
+    def decide_losers(self) -> str:
+        """Heap order's decision, in one read: the rows of these groups but the first of each by
+        --keep order (the survivor, whose primary key each row carries), with where each lies.
+        The same order as read_groups, so the same survivor as a key-order batch picks."""
+        if self.scoped:
+            source = (
+                f"unnest($1::text[]) AS q(g) JOIN {self.table} t ON {self.group_is('t', 'q.g')}"
+            )
+        else:
+            source = f"{self.table} t WHERE t.{self.k} = ANY($1::{self.key_type}[])"
+        group = f", {self.group_of('t')} AS g" if self.scoped else ""
+        return f"""SELECT d.* FROM (
+    SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k{self._where_in_heap}{group},
+           first_value({self.pk_of("t")}) OVER w AS survivor, row_number() OVER w AS rn
+    FROM {source}
+    WINDOW w AS (PARTITION BY {self._group_columns()} ORDER BY {self._keep_order()})
+) d WHERE d.rn > 1"""
 
     @cached_property
     def read_groups(self) -> str:
@@ -863,28 +901,31 @@ WHERE {self.group_is("t", f"$1::{self.group_param}")} ORDER BY {self._order()} L
     def group_losers(self) -> str:
         # streamed through a cursor into a file: the key index returns a value's entries in
         # heap order, so each chunk's rows sit on neighbouring pages (no ORDER BY, no sort)
-        return f"""SELECT {self.pk_of("t")} AS pk FROM {self.table} t
+        return f"""SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k{self._where_in_heap}
+FROM {self.table} t
 WHERE {self.group_is("t", f"$1::{self.group_param}")}
   AND NOT ({self.pk_is("t", f"$2::{self.pk_param}")})"""
 
     @cached_property
-    def read_chunk(self) -> str:
-        # under the key's advisory lock: the chunk's rows that still hold the value (by primary
-        # key: O(chunk), whatever the group's size), and the survivor if it still holds it
-        # `(k = $2) IS TRUE`, not `k = $2`: the same test, but not one an index can answer, so
-        # even a generic plan (which cannot know that $2 is held by a million rows) looks the
-        # rows up by primary key instead of walking the whole group in the key's index
-        same = f"({self.group_is('t', f'$2::{self.group_param}')}) IS TRUE"
-        if self.composite:
-            chunk = f"""unnest($1::text[]) AS c(pk) JOIN {self.table} t ON {self.pk_is("t", "c.pk")}
-WHERE {same}"""
-        else:
-            chunk = f"{self.table} t WHERE t.{self.p} = ANY($1::{self.pk_param}[]) AND {same}"
+    def read_entries(self) -> str:
+        """Under the advisory locks of their groups: the rows of a chunk of decided renames
+        ($1 primary keys, $2 their groups, $3 their survivors) that are still in their group,
+        each with its current value and whether its survivor still holds the group's value.
+        `i` is the entry's place in the arrays (1-based). Rows are found by primary key: O(the
+        chunk), however large the groups, and in heap order the pages are neighbours.
+
+        `(… = …) IS TRUE`, not `… = …`: the same test, but not one an index can answer, so even
+        a generic plan (which cannot know that a value is held by a million rows) looks rows
+        and survivors up by primary key instead of walking a whole group in the key's index."""
+        same_t = f"({self.group_is('t', 'e.g')}) IS TRUE"
+        same_s = f"({self.group_is('s', 'e.g')}) IS TRUE"
         return f"""
-SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k, false AS survivor FROM {chunk}
-UNION ALL
-SELECT {self.pk_of("t")}, t.{self.k}, true FROM {self.table} t
-WHERE {self.pk_is("t", f"$3::{self.pk_param}")} AND {same}"""
+SELECT e.i::int AS i, t.{self.k} AS k,
+       EXISTS (SELECT 1 FROM {self.table} s WHERE {self.pk_is("s", "e.s")} AND {same_s})
+           AS survivor
+FROM unnest($1::{self.pk_param}[], $2::{self.group_param}[], $3::{self.pk_param}[])
+     WITH ORDINALITY AS e(pk, g, s, i)
+JOIN {self.table} t ON {self.pk_is("t", "e.pk")} AND {same_t}"""
 
     @cached_property
     def check_candidates(self) -> str:
@@ -930,7 +971,7 @@ FROM unnest($1::{self.key_type}[], $4::text[]) AS c(v, g)"""
 WITH v AS (
     SELECT * FROM unnest($1::{self.pk_param}[], $2::{self.key_type}[], $3::{self.key_type}[],
                          $5::{self.pk_param}[], $6::text[], $7::text[])
-        AS v(pk, old, new, survivor, old_text, grp)
+        WITH ORDINALITY AS v(pk, old, new, survivor, old_text, grp, i)
 ), u AS (
     UPDATE {self.table} t SET {self.k} = v.new FROM v
     -- `(… = v.old) IS TRUE`: the same test, but not one the key's index can answer (nor the
@@ -946,12 +987,20 @@ WITH v AS (
       -- a worker that wrote the same value and released its lock just before is seen here
       AND NOT EXISTS (SELECT 1 FROM {self.table} o
                       WHERE o.{self.k} = v.new{self._new_value_scope()})
-    RETURNING {self.pk_of("t")} AS pk, v.old_text, v.new
+    RETURNING {self.pk_of("t")} AS pk, v.old_text, v.new, v.i
 )
 -- old_text: the old value's exact text ($6; a bpchar::text cast would drop trailing blanks,
 -- and undo must put back the bytes the row held)
 INSERT INTO {self.state.changes} (run_id, pk, old_value, new_value)
 SELECT $4, u.pk::text, u.old_text, u.new::text FROM u"""
+
+    @cached_property
+    def apply_renames_returning(self) -> str:
+        """apply_renames, returning the place (1-based, `i`) of each rename it made: a chunk of
+        decided renames keeps those and hands the others' groups back (sweep.py). The audit
+        INSERT is a data-modifying WITH: run once and to completion, read or not."""
+        head, insert = self.apply_renames.rsplit("\n-- old_text", 1)
+        return f"{head},\naudit AS (\n-- old_text{insert}\n)\nSELECT u.i::int AS i FROM u"
 
 
 SET_BATCH_TIMEOUTS = (

@@ -317,13 +317,20 @@ class SkipLog:
         self.state = state
         self.run_id = run_id
         self.groups: Counter[str] = Counter()  # reason -> groups skipped by this process
+        self._keys: set[str] = set()
 
-    async def record(self, key: str, reason: str, rows: int, error: str) -> None:
-        self.groups[reason] += 1
+    async def record(self, key: str, reason: str, rows: int, error: str) -> bool:
+        """Put the group on record (again: its latest reason and rows); True the first time
+        this process skips it (a heap-order sweep may meet one group in several chunks)."""
+        first = key not in self._keys
+        if first:
+            self._keys.add(key)
+            self.groups[reason] += 1
         if self.pool is not None:
             await self.pool.execute(
                 self.state.record_skip, self.run_id, key, reason, rows, error[:2000]
             )
+        return first
 
     async def resolved(self, keys: Sequence[str]) -> None:
         if self.pool is not None and keys:

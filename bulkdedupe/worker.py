@@ -26,7 +26,7 @@ from .errors import (
     classify,
     from_driver,
 )
-from .planner import GroupPlan, Row, candidates, pk_label, plan_groups
+from .planner import GroupPlan, Row, candidates, equality_key, pk_label, plan_groups
 from .progress import Stats
 from .scanner import Group
 from .spool import DiskList
@@ -99,6 +99,37 @@ class Rename(NamedTuple):
     new: str
     survivor_pk: Any
     group: str  # the group's key as the scan spelled it (bpchar: may differ from `old`)
+
+
+class Entry(NamedTuple):
+    """A rename decided without a lock, to be made by a chunk transaction that re-checks it
+    under its group's advisory lock. Sorted as tuples: by where the row lies in the heap
+    (`rel` the partition's oid, then the ctid's page and line pointer), which is unique, so
+    the fields after it are never compared."""
+
+    rel: int
+    block: int
+    offset: int
+    pk: Any
+    group: str  # as the scan spells it
+    survivor: Any  # the survivor's primary key
+    value: str  # the row's key as read when decided
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    """What one chunk transaction did with its entries."""
+
+    renamed: int
+    redo: set[str]  # groups whose survivor no longer holds the value: decide them again
+    gone: int  # rows no longer in their group (the application deleted or changed them)
+    unplaceable: list[tuple[str, Row]]  # (group, row) that no candidate value fits
+
+
+def entry_of(record: Any, group: str, survivor: Any) -> Entry:
+    """The entry of a row read with the heap position columns (`rel`, `tid`)."""
+    block, offset = record["tid"]
+    return Entry(record["rel"], block, offset, record["pk"], group, survivor, record["k"])
 
 
 @dataclass(slots=True)
@@ -207,17 +238,15 @@ class Worker:
             pending = leftover + pending[take:]
         for key in giant:
             await self._work_off(key, groups[key])
+        await self._settle(item, groups)
+
+    async def _settle(self, item: WorkItem, groups: dict[str, _Progress]) -> None:
+        """Put on record the item's groups left with rows no value fits, and (a resume's
+        retried item) those resolved now."""
         for key, g in groups.items():
             if g.unplaceable and not g.skipped:
-                await self._skip_group(
-                    key,
-                    g,
-                    "no_unique_value_fits",
-                    g.unplaceable,
-                    f"no new value from --template fits the column "
-                    f"({self.target.key_max_length} characters) for {g.unplaceable} row(s), "
-                    f"e.g. pk {', '.join(g.examples)}",
-                )
+                g.skipped = True
+                await self.record_unplaceable(key, g.unplaceable, g.examples)
         if item.retry:
             # groups a previous process skipped: those not skipped again are resolved now
             await self.skips.resolved([k for k, g in groups.items() if not g.skipped])
@@ -264,14 +293,7 @@ class Worker:
             self.sizer.failed()
             if attempt > self.max_retries:
                 if isinstance(error, CONNECTION_LOST):
-                    # The server is gone, not one hot key: splitting the batch and skipping
-                    # group after group (each after its own retries) would only take hours.
-                    resume = f"resume with --run-id {self.run_id}" if self.apply else "run again"
-                    raise ConnectError(
-                        f"lost the connection to the server ({type(error).__name__}: {error}) "
-                        f"and {attempt} attempts failed; every committed batch is whole and "
-                        f"audited: {resume} once the server is back"
-                    ) from error
+                    raise self._connection_lost(error, attempt) from error
                 if len(keys) > 1:
                     # One hot key must not sink the whole batch: go group by group.
                     return await self._one_by_one(keys, groups)
@@ -302,11 +324,22 @@ class Worker:
             self.stats.groups_done += 1
         log.warning("groups skipped", reason=reason, groups=len(keys), error=detail)
 
+    async def record_unplaceable(self, key: str, rows: int, examples: Sequence[str]) -> None:
+        """Skip a group on record: `rows` of its rows got no new value that fits the column."""
+        reason = "no_unique_value_fits"
+        self.stats.skip(reason, rows)
+        error = (
+            f"no new value from --template fits the column ({self.target.key_max_length} "
+            f"characters) for {rows} row(s), e.g. pk {', '.join(examples[:5])}"
+        )
+        if await self.skips.record(key, reason, rows, error):
+            self.stats.skipped_groups += 1
+
     async def _skip_group(self, key: str, g: _Progress, reason: str, rows: int, error: str) -> None:
         g.skipped = True
         self.stats.skip(reason, rows)
-        self.stats.skipped_groups += 1
-        await self.skips.record(key, reason, rows, error)
+        if await self.skips.record(key, reason, rows, error):
+            self.stats.skipped_groups += 1
 
     async def _once(self, keys: list[str], groups: dict[str, _Progress]) -> list[str]:
         if self.before_batch is not None:
@@ -329,12 +362,7 @@ class Worker:
         for key in result.no_longer_duplicate:
             self.stats.skip("no_longer_duplicate", max(groups[key].count - 1, 0))
         for key, row in result.unplaceable:
-            # decided for good: never picked again, so the group's next transaction moves on
-            g = groups[key]
-            g.decided.add(row.pk)
-            g.unplaceable += 1
-            if len(g.examples) < 5:
-                g.examples.append(str(row.pk))
+            self._unplaceable(key, groups[key], row)
         if result.unplaceable:
             log.warning(
                 "rows left unrenamed: no candidate value fits the column",
@@ -383,8 +411,168 @@ class Worker:
 
     async def _rename(self, conn: Conn, renames: list[Rename]) -> None:
         """The batch's UPDATE with its audit rows; every row it was asked to rename, or none."""
-        status = await conn.execute(
-            self.q.apply_renames,
+        status = await conn.execute(self.q.apply_renames, *self._rename_args(renames))
+        if int(status.split()[-1]) != len(renames):
+            raise StaleBatch(f"expected {len(renames)} renames, wrote {status}")
+
+    # --- heap order: decide now (no lock), rename later in chunks sorted by heap position --
+
+    async def decide(
+        self, item: WorkItem, sink: Callable[[Entry], None], giants: set[str] | None = None
+    ) -> None:
+        """The first half of a heap-order sweep: each group's survivor (by --keep order) and
+        losers as they are now, read without a lock or a write (one query for the item's
+        ordinary groups, a cursor for each giant one), handed to `sink` as entries. Every entry
+        is checked again under its group's lock by the chunk that renames it.
+
+        A query that keeps failing falls back to what a key-order run does with those groups
+        (renamed in batches under their locks, or skipped with a reason): correct, only not in
+        heap order. The giant groups' keys are added to `giants`: rows the application adds
+        to such a value while the sweep runs are picked up by deciding it again after it."""
+        groups = {g.key: _Progress(g.count) for g in item.groups}
+        giant = [k for k, g in groups.items() if self._is_giant(g)]
+        pending = [k for k in groups if k not in giant]
+        if pending:
+            decided: list[list[Entry]] = []
+
+            async def once(decided: list[list[Entry]] = decided) -> list[str]:
+                entries, single = await self._decide_groups(pending)
+                decided.append(entries)
+                for key in single:
+                    self.stats.skip("no_longer_duplicate", max(groups[key].count - 1, 0))
+                return []
+
+            await self._with_retries(pending, groups, once)
+            for e in decided[-1] if decided else ():
+                sink(e)
+            self.stats.groups_done += len(pending)
+        for key in giant:
+            if giants is not None:
+                giants.add(key)
+            await self._decide_giant(key, groups[key], sink)
+        await self._settle(item, groups)
+
+    async def _decide_groups(self, keys: list[str]) -> tuple[list[Entry], list[str]]:
+        """The losers of these groups as entries, and the groups no longer duplicated."""
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            await conn.fetch(*self.settings)
+            rows = await conn.fetch(self.q.decide_losers, keys)
+        char = self.target.key_is_char
+        spelling = {equality_key(k, char_semantics=True): k for k in keys} if char else {}
+        entries = []
+        for r in rows:
+            if self.q.scoped:
+                group = r["g"]
+            elif char:  # named as the scan spelled it: padding is not significant
+                group = spelling.get(equality_key(r["k"], char_semantics=True), r["k"])
+            else:
+                group = r["k"]
+            block, offset = r["tid"]
+            entries.append(Entry(r["rel"], block, offset, r["pk"], group, r["survivor"], r["k"]))
+        seen = {e.group for e in entries}
+        return entries, [k for k in keys if k not in seen]
+
+    async def _decide_giant(self, key: str, g: _Progress, sink: Callable[[Entry], None]) -> None:
+        found: list[tuple[Row | None, DiskList[Entry]]] = []
+
+        async def decide(found: list[tuple[Row | None, DiskList[Entry]]] = found) -> list[str]:
+            found.append(await self._decide(key, g))
+            return []
+
+        await self._with_retries([key], {key: g}, decide)
+        if g.skipped or not found:
+            return
+        survivor, losers = found[-1]
+        try:
+            if survivor is None or not losers:
+                self.stats.skip("no_longer_duplicate", max(g.count - 1, 0))
+            else:
+                log.info("giant group", key=key[:80], losers=len(losers), survivor=str(survivor.pk))
+                while entries := losers.take(LOSERS_PREFETCH):
+                    for e in entries:
+                        sink(e)
+        finally:
+            losers.close()
+        self.stats.groups_done += 1
+
+    async def rename_entries(self, entries: list[Entry]) -> ChunkResult:
+        """One chunk of a heap-order sweep, retried as the error's class says.
+
+        Contention (a lock timeout behind a row the application holds, a deadlock, a row
+        changed under the batch) is retried once here; if it persists, the chunk's groups are
+        handed back to be decided again in key order after the sweep (`redo`), where a hot
+        group gets every retry of an ordinary batch: one held group must not stall worker
+        after worker, as its losers are spread over several chunks. A chunk failing for a
+        reason of one of its rows (a trigger's error) is cut in two, and so on down to the
+        group at fault, which alone is skipped, on record with its reason."""
+        attempt = 0
+        while True:
+            try:
+                return await self._entries_once(entries)
+            except Stopping:
+                raise
+            except RETRY_OR_FAIL as exc:
+                error: BaseException = exc
+                verdict = STALE if isinstance(exc, StaleBatch) else classify(exc)
+            if verdict.action is Action.FATAL:
+                raise from_driver(error, what="batch transaction") from error
+            if verdict.action is not Action.SKIP_GROUP:
+                attempt += 1
+                self.stats.retries += 1
+                self.sizer.failed()
+                lost = isinstance(error, CONNECTION_LOST)
+                if attempt <= (self.max_retries if lost else min(self.max_retries, 1)):
+                    delay = await retry.wait(attempt, retry.BATCH)
+                    log.debug(
+                        "batch retry",
+                        attempt=attempt,
+                        error=type(error).__name__,
+                        reason=verdict.reason,
+                        delay=delay,
+                        chunk=len(entries),
+                    )
+                    continue
+                if lost:
+                    raise self._connection_lost(error, attempt) from error
+                groups = {e.group for e in entries}
+                log.info(
+                    "chunk left for key order",
+                    groups=len(groups),
+                    error=type(error).__name__,
+                    reason=verdict.reason,
+                )
+                return ChunkResult(0, groups, 0, [])
+            groups = {e.group for e in entries}
+            if len(groups) > 1:
+                half = len(entries) // 2
+                first = await self.rename_entries(entries[:half])
+                second = await self.rename_entries(entries[half:])
+                return ChunkResult(
+                    first.renamed + second.renamed,
+                    first.redo | second.redo,
+                    first.gone + second.gone,
+                    first.unplaceable + second.unplaceable,
+                )
+            (key,) = groups
+            detail = f"{type(error).__name__}: {error}"
+            if await self.skips.record(key, verdict.reason, len(entries), detail):
+                self.stats.skipped_groups += 1
+            self.stats.skip(verdict.reason, len(entries))
+            log.warning("group skipped", reason=verdict.reason, rows=len(entries), error=detail)
+            return ChunkResult(0, set(), 0, [])
+
+    def _connection_lost(self, error: BaseException, attempt: int) -> ConnectError:
+        # The server is gone, not one hot key: splitting the batch and skipping group after
+        # group (each after its own retries) would only take hours.
+        resume = f"resume with --run-id {self.run_id}" if self.apply else "run again"
+        return ConnectError(
+            f"lost the connection to the server ({type(error).__name__}: {error}) "
+            f"and {attempt} attempts failed; every committed batch is whole and "
+            f"audited: {resume} once the server is back"
+        )
+
+    def _rename_args(self, renames: list[Rename]) -> tuple[Any, ...]:
+        return (
             [r.pk for r in renames],
             [r.old for r in renames],
             [r.new for r in renames],
@@ -393,8 +581,11 @@ class Worker:
             [r.old for r in renames],
             [r.group for r in renames],
         )
-        if int(status.split()[-1]) != len(renames):
-            raise StaleBatch(f"expected {len(renames)} renames, wrote {status}")
+
+    async def _rename_some(self, conn: Conn, renames: list[Rename]) -> set[int]:
+        """The chunk's UPDATE with its audit rows: the places (1-based) of the renames made."""
+        rows = await conn.fetch(self.q.apply_renames_returning, *self._rename_args(renames))
+        return {r["i"] for r in rows}
 
     # --- a giant group: more losers than one batch --------------------------------------
 
@@ -414,9 +605,9 @@ class Worker:
         for n in range(MAX_GROUP_PASSES):
             if self.before_batch is not None:
                 await self.before_batch()
-            found: list[tuple[Row | None, DiskList[Any]]] = []
+            found: list[tuple[Row | None, DiskList[Entry]]] = []
 
-            async def decide(found: list[tuple[Row | None, DiskList[Any]]] = found) -> list[str]:
+            async def decide(found: list[tuple[Row | None, DiskList[Entry]]] = found) -> list[str]:
                 found.append(await self._decide(key, g))
                 return []
 
@@ -446,10 +637,10 @@ class Worker:
             )
         self.stats.groups_done += 1
 
-    async def _decide(self, key: str, g: _Progress) -> tuple[Row | None, DiskList[Any]]:
+    async def _decide(self, key: str, g: _Progress) -> tuple[Row | None, DiskList[Entry]]:
         """The group's survivor and its other rows (on disk), from one snapshot; no lock: each
         chunk re-checks both under the key's lock."""
-        losers: DiskList[Any] = DiskList(directory=self.spool_dir)
+        losers: DiskList[Entry] = DiskList(directory=self.spool_dir)
         try:
             async with (
                 self.pool.acquire() as conn,
@@ -463,50 +654,118 @@ class Worker:
                     self.q.group_losers, key, first["pk"], prefetch=LOSERS_PREFETCH
                 ):
                     if r["pk"] not in g.decided:
-                        losers.append(r["pk"])
+                        losers.append(entry_of(r, key, first["pk"]))
         except BaseException:
             losers.close()
             raise
         return Row(first["pk"], first["k"]), losers
 
-    async def _chunks(self, key: str, g: _Progress, survivor: Row, losers: DiskList[Any]) -> None:
+    async def _chunks(self, key: str, g: _Progress, survivor: Row, losers: DiskList[Entry]) -> None:
         """Rename the listed losers, a batch-size chunk a transaction, until the list ends, the
         group is skipped or its survivor no longer holds the value."""
         while not g.skipped:
-            pks = losers.take(self.sizer.size)
-            if not pks:
+            entries = losers.take(self.sizer.size)
+            if not entries:
                 return
-            outcome: list[bool] = []
+            outcome: list[ChunkResult] = []
 
-            async def once(pks: list[Any] = pks, outcome: list[bool] = outcome) -> list[str]:
-                outcome.append(await self._chunk_once(key, g, survivor, pks))
+            async def once(
+                entries: list[Entry] = entries, outcome: list[ChunkResult] = outcome
+            ) -> list[str]:
+                outcome.append(await self._entries_once(entries))
                 return []
 
             await self._with_retries([key], {key: g}, once)
-            if outcome and not outcome[-1]:
+            if not outcome:
+                continue  # skipped (g.skipped) or given up: the loop says which
+            result = outcome[-1]
+            for _, row in result.unplaceable:
+                self._unplaceable(key, g, row)
+            g.count = max(g.count - result.renamed, 1)
+            if result.redo:
                 return  # the survivor is gone: the next pass decides again
 
-    async def _chunk_once(self, key: str, g: _Progress, survivor: Row, pks: list[Any]) -> bool:
-        """One chunk's transaction; False when the survivor no longer holds the value."""
+    # --- the chunk transaction: decided renames, re-checked under their groups' locks -------
+
+    async def _entries_once(self, entries: list[Entry]) -> ChunkResult:
+        """One transaction over decided renames of any groups (a giant group's chunk; a chunk
+        of a heap-order sweep): the groups' advisory locks (shared: see lock_keys_shared) in
+        hash order, then the renames, each made only where its row still holds the value, its
+        survivor too and the new value is free — checked by the UPDATE itself, with the audit
+        rows in the same statement. Renames it could not make hand their groups back (`redo`).
+        A dry run, and a char(n) key, read the rows first (read_entries)."""
         if self.before_batch is not None:
             await self.before_batch()
         started = anyio.current_time()
         async with self.pool.acquire() as conn, conn.transaction(readonly=not self.apply):
             await conn.fetch(*self.settings)
             if self.apply:
-                await conn.fetch(self.q.lock_keys, [key], self.target.lock_prefix)
-            rows = await conn.fetch(self.q.read_chunk, pks, key, survivor.pk)
-            if not any(r["survivor"] for r in rows):
-                return False
-            # rows the application changed since the list was made are no longer the group's
-            current = tuple(Row(r["pk"], r["k"]) for r in rows if not r["survivor"])
-            renames, unplaceable = await self._assign(conn, [GroupPlan(key, survivor, current, 0)])
-            if self.apply and renames:
+                keys = list({e.group for e in entries})
+                await conn.fetch(self.q.lock_keys_shared, keys, self.target.lock_prefix)
+            redo: set[str] = set()
+            plans: dict[str, tuple[Row, list[Row]]] = {}
+            trusting = self.apply and not self.target.key_is_char
+            if trusting:
+                # No re-read: the UPDATE itself renames a row only if it still holds the value,
+                # its survivor too and the new value is free; the rows it leaves go back to be
+                # decided again under lock. (A char(n) key is re-read: its padding may differ
+                # from the decision's, and the audit keeps the exact bytes.)
+                for e in entries:
+                    plan = plans.setdefault(e.group, (Row(e.survivor, e.value), []))
+                    plan[1].append(Row(e.pk, e.value))
+                gone = 0
+            else:
+                rows = await conn.fetch(
+                    self.q.read_entries,
+                    [e.pk for e in entries],
+                    [e.group for e in entries],
+                    [e.survivor for e in entries],
+                )
+                for r in rows:
+                    e = entries[r["i"] - 1]
+                    if not r["survivor"]:
+                        redo.add(e.group)
+                    elif e.group not in redo:
+                        plan = plans.setdefault(e.group, (Row(e.survivor, r["k"]), []))
+                        plan[1].append(Row(e.pk, r["k"]))
+                gone = len(entries) - len(rows)
+            current = [
+                GroupPlan(key, survivor, tuple(losers), 0)
+                for key, (survivor, losers) in plans.items()
+                if key not in redo
+            ]
+            renames, unplaceable = await self._assign(conn, current)
+            if trusting and renames:
+                made = await self._rename_some(conn, renames)
+                redo |= {r.group for i, r in enumerate(renames, 1) if i not in made}
+                renames = [r for i, r in enumerate(renames, 1) if i in made]
+            elif self.apply and renames:
                 await self._rename(conn, renames)
-        # the group stays "left over" until _work_off has seen it through
-        result = TxResult(renames, [], unplaceable, [key])
-        self._account([key], {key: g}, result, anyio.current_time() - started)
-        return True
+        if unplaceable:
+            log.warning(
+                "rows left unrenamed: no candidate value fits the column",
+                pks=[str(r.pk) for _, r in unplaceable[:10]],
+                max_length=self.target.key_max_length,
+            )
+        seconds = anyio.current_time() - started
+        self.sizer.observe(len(renames), seconds)
+        self.stats.batch_seconds.append(seconds)
+        self.stats.batch_size = self.sizer.size
+        self.stats.batches += 1
+        self.stats.renamed += len(renames)
+        if self.plan is not None and renames:
+            for key, mine in _by_key(renames).items():
+                self.plan.write(key, mine)
+        if self.sample is not None and len(self.sample) < self.sample_size:
+            self.sample.extend(renames[: self.sample_size - len(self.sample)])
+        return ChunkResult(len(renames), redo, gone, unplaceable)
+
+    def _unplaceable(self, key: str, g: _Progress, row: Row) -> None:
+        # decided for good: never picked again, so the group's next transaction moves on
+        g.decided.add(row.pk)
+        g.unplaceable += 1
+        if len(g.examples) < 5:
+            g.examples.append(str(row.pk))
 
     async def _assign(
         self, conn: Conn, plans: list[GroupPlan]

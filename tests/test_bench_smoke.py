@@ -583,8 +583,8 @@ def test_anatomy_end_to_end(dsn: str, tmp_path: Path) -> None:
     (result_file,) = tmp_path.glob("*-anatomy.json")
     results = json.loads(result_file.read_text())
     timed = {r["method"]: r for r in results["runs"] if not r["forensic"]}
-    assert set(timed) == {"one-statement", "bulkdedupe", "scan"}
-    for name in ("one-statement", "bulkdedupe"):
+    assert set(timed) == {"one-statement", "bulkdedupe", "bulkdedupe-key", "scan"}
+    for name in ("one-statement", "bulkdedupe", "bulkdedupe-key"):
         assert timed[name]["correctness"]["passed"], timed[name].get("error")
         assert timed[name]["totals"]["counters"]["wal_bytes"] > 0
         # (no count of the 100 ms samples inside the run: on 5,000 rows a fast machine's

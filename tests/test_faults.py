@@ -254,7 +254,10 @@ async def test_app_holding_a_groups_rows_never_waits_behind_the_tool(
             "UPDATE payments SET status = 'held by app' WHERE transaction_id = 'pair-074h'"
         )
         args = ["run", "--apply", "--run-id", run_id, "--batch-size", str(batch)]
-        args += ["--target-batch-time", "off", "--concurrency", "2"]
+        # key order: the batch mates above are the held group's (heap order's chunk of a held
+        # row is the same one transaction, its mates heap neighbours, and it is left to this
+        # key-order batch after one retry: test_heap_chunk_meeting_a_held_row_...)
+        args += ["--target-batch-time", "off", "--concurrency", "2", "--order", "key"]
         args += ["--lock-timeout", f"{int(TOOL_LOCK_TIMEOUT * 1000)}ms", "--max-retries", "20"]
         args += ["--format", "json", "-d", dsn]
         done = anyio.Event()

@@ -108,10 +108,10 @@ async def test_rows_inserted_into_a_giant_group_while_it_is_renamed_are_picked_u
     rows = 5_000
     await giant_table(dsn, rows=rows, pairs=0)
     before = await fetch_keys(dsn)
-    original = Worker._chunk_once
+    original = Worker._entries_once
     inserted: list[int] = []
 
-    async def chunk_while_the_application_inserts(self: Worker, *args: Any) -> bool:
+    async def chunk_while_the_application_inserts(self: Worker, *args: Any) -> Any:
         if not inserted:  # the losers are listed; the application inserts more of them
             conn = await asyncpg.connect(dsn)
             try:
@@ -126,7 +126,7 @@ async def test_rows_inserted_into_a_giant_group_while_it_is_renamed_are_picked_u
                 await conn.close()
         return await original(self, *args)
 
-    monkeypatch.setattr(Worker, "_chunk_once", chunk_while_the_application_inserts)
+    monkeypatch.setattr(Worker, "_entries_once", chunk_while_the_application_inserts)
     summary = await pipeline.run(connect(dsn), apply_cfg(batch_size=500, concurrency=1))
 
     assert len(inserted) == 30
@@ -155,16 +155,16 @@ async def test_survivor_of_a_giant_group_changed_midway_makes_the_next_pass_deci
     first = int(
         await fetchval(dsn, f"SELECT min(id) FROM payments WHERE transaction_id = '{JUNK}'")
     )
-    original = Worker._chunk_once
+    original = Worker._entries_once
     calls: list[int] = []
 
-    async def chunk_then_the_application_changes_the_survivor(self: Worker, *args: Any) -> bool:
+    async def chunk_then_the_application_changes_the_survivor(self: Worker, *args: Any) -> Any:
         calls.append(1)
         if len(calls) == 2:  # one chunk committed; the survivor changes before the next
             await execute(dsn, change.format(pk=first))
         return await original(self, *args)
 
-    monkeypatch.setattr(Worker, "_chunk_once", chunk_then_the_application_changes_the_survivor)
+    monkeypatch.setattr(Worker, "_entries_once", chunk_then_the_application_changes_the_survivor)
     summary = await pipeline.run(connect(dsn), apply_cfg(batch_size=400, concurrency=1))
 
     assert summary.status == "completed"
@@ -267,7 +267,7 @@ async def test_a_chunk_finds_its_rows_by_primary_key_even_with_a_generic_plan(ds
             "CREATE TABLE bulkdedupe.changes (run_id text, pk text, old_value text, new_value text)"
         )
         statements = {
-            "read_chunk": (q.read_chunk, f"{ids}, '{JUNK}', {survivor}"),
+            "read_entries": (q.read_entries, f"{ids}, {olds}, {survivors}"),
             "apply_renames": (
                 q.apply_renames,
                 f"{ids}, {olds}, {news}, 'r', {survivors}, {olds}::text[], {olds}::text[]",
@@ -281,7 +281,7 @@ async def test_a_chunk_finds_its_rows_by_primary_key_even_with_a_generic_plan(ds
                 )[0]["Plan"]
                 # the rows were found (and, for the UPDATE, renamed) ...
                 renamed = await conn.fetchval("SELECT count(*) FROM bulkdedupe.changes")
-                assert name == "read_chunk" or renamed == len(chunk), plan
+                assert name == "read_entries" or renamed == len(chunk), plan
                 nodes = _nodes(plan)
                 # ... each by its primary key: no node read the group's other rows to drop them
                 walked = sum(n.get("Rows Removed by Filter", 0) for n in nodes)

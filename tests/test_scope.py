@@ -171,7 +171,8 @@ async def test_kill_9_then_resume_of_a_scoped_run_continues_after_its_checkpoint
     before = await fetch_keys(dsn)
     losers = await expected(dsn)
     run_id = "scoped"
-    args = ["run", "--apply", "--scope", "merchant_id", "--run-id", run_id]
+    # key order: its checkpoint moves with the batches (heap order's only at the end)
+    args = ["run", "--apply", "--scope", "merchant_id", "--run-id", run_id, "--order", "key"]
     args += ["--batch-size", "10", "--scan-page-size", "100", "-d", dsn]
     async with spawn(tmp_path, "killed", *args, "--max-rate", "250") as proc:
         conn = await asyncpg.connect(dsn)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from bulkdedupe import spool as spool_module
 from bulkdedupe.errors import BulkDedupeError
-from bulkdedupe.spool import DiskList, Spool
+from bulkdedupe.spool import DiskList, ExternalSort, Spool
 
 pytestmark = pytest.mark.anyio
 
@@ -141,3 +141,40 @@ def test_check_room_refuses_a_spool_directory_without_its_reserve(
     with pytest.raises(BulkDedupeError, match="has 100 MiB free, less than the 1,024 MiB"):
         spool_module.check_room("/somewhere")
     spool_module.check_room("/somewhere", reserve=50 << 20)  # enough: no error
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    items=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 300)), max_size=400),
+    run_items=st.integers(min_value=1, max_value=64),
+    take=st.integers(min_value=1, max_value=50),
+)
+def test_external_sort_takes_every_item_once_in_sorted_order(
+    items: list[tuple[int, int]], run_items: int, take: int
+) -> None:
+    s: ExternalSort[tuple[int, int]] = ExternalSort(run_items=run_items, record_items=7)
+    for item in items:
+        s.add(item)
+    out: list[tuple[int, int]] = []
+    while chunk := s.take(take):
+        assert len(chunk) <= take
+        out.extend(chunk)
+    s.close()
+    assert out == sorted(items)
+    assert len(s) == len(items)
+
+
+def test_external_sort_keeps_at_most_one_run_in_memory(tmp_path: Path) -> None:
+    s: ExternalSort[int] = ExternalSort(run_items=100, record_items=10, directory=str(tmp_path))
+    for i in range(1_000, 0, -1):
+        s.add(i)
+        assert len(s._buffer) < 100
+    assert len(s._runs) == 10
+    assert s.disk_bytes > 0
+    assert s.take(5) == [1, 2, 3, 4, 5]
+    with pytest.raises(RuntimeError):
+        s.add(0)  # taking has started: the order is fixed
+    assert s.take(10_000) == list(range(6, 1_001))
+    assert s.take(1) == []
+    s.close()
+    assert s._runs == []
