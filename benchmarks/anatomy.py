@@ -133,7 +133,7 @@ def summarize_trace(raw: dict[str, Any], split_at: float | None) -> dict[str, An
             if txn is not None:
                 txn.append((t0, t1, label))
             if label in ("commit", "rollback") and txn:
-                if any(x[2] in ("lock_keys", "apply_renames") for x in txn):
+                if any(x[2] in ("lock_keys", "lock_chunk", "apply_renames") for x in txn):
                     batches.append(_batch(txn))
                 txn = None
     phases: dict[str, list[dict[str, Any]]] = {"all": batches}

@@ -38,8 +38,12 @@ _CLASSES: Final[tuple[tuple[str, Callable[[str], bool]], ...]] = (
     ("commit", lambda q: q.startswith("COMMIT")),
     ("rollback", lambda q: q.startswith("ROLLBACK")),
     ("set_local", lambda q: q.startswith("SELECT set_config(") and q.count("set_config(") > 1),
+    ("lock_chunk", lambda q: "WITH held AS MATERIALIZED" in q),  # heap order: groups + values
     ("lock_keys", lambda q: "pg_advisory_xact_lock(h)" in q),
+    ("lock_keys", lambda q: "pg_advisory_xact_lock_shared(h)" in q),
     ("check_candidates", lambda q: "pg_try_advisory_xact_lock" in q),
+    ("decide_losers", lambda q: "OVER w AS survivor" in q),
+    ("read_entries", lambda q: "WITH ORDINALITY AS e(pk, g, s, i)" in q),
     ("apply_renames", lambda q: q.startswith("WITH v AS") and "UPDATE" in q),
     ("scan_page", lambda q: "row_number() OVER" in q and "HAVING count(*) >" in q),
     ("scan_page_count", lambda q: q.startswith("SELECT count(*) FROM (") and "LIMIT $3" in q),
@@ -49,7 +53,7 @@ _CLASSES: Final[tuple[tuple[str, Callable[[str], bool]], ...]] = (
 )
 WORKER_LABELS: Final = frozenset(
     {"begin", "commit", "rollback", "set_local", "lock_keys", "check_candidates"}
-    | {"apply_renames", "read_groups"}
+    | {"apply_renames", "read_groups", "lock_chunk", "decide_losers", "read_entries"}
 )
 SCAN_LABELS: Final = frozenset({"scan_page", "scan_page_count", "count_key"})
 

@@ -41,12 +41,14 @@ from .config import (
     DEFAULT_SCANNERS,
     DEFAULT_STATE_SCHEMA,
     DEFAULT_STATEMENT_TIMEOUT,
+    DEFAULT_SYNCHRONOUS_COMMIT,
     DEFAULT_TABLE,
     DEFAULT_TEMPLATE,
     DEFAULT_TOP,
     DEFAULT_WAL_COMPRESSION,
     MAX_IMPACT_ENV,
     ORDERS,
+    SYNCHRONOUS_COMMIT_CHOICES,
     WAL_COMPRESSION_CHOICES,
     ConnectConfig,
     EnforceConfig,
@@ -618,6 +620,16 @@ def verify(scan_page_size: int, scanners: int, fmt: str, **kw: Any) -> int:
     ),
 )
 @click.option(
+    "--synchronous-commit",
+    type=click.Choice(SYNCHRONOUS_COMMIT_CHOICES),
+    default=DEFAULT_SYNCHRONOUS_COMMIT,
+    show_default=True,
+    help=(
+        "--apply: 'off' commits batches without waiting for their WAL flush (a server crash "
+        "can undo the last ones, data and audit together: resumable); 'server' keeps its own."
+    ),
+)
+@click.option(
     "--keep",
     default=None,
     help=(
@@ -662,6 +674,7 @@ def run(
     concurrency: int,
     concurrency_while_scanning: int,
     order: str,
+    synchronous_commit: str,
     keep: str | None,
     template: str,
     run_id: str | None,
@@ -693,6 +706,7 @@ def run(
         concurrency=concurrency,
         concurrency_while_scanning=concurrency_while_scanning,
         order=order,
+        synchronous_commit=synchronous_commit,
         keep=parse_keep(keep) if keep else (),
         template=template,
         run_id=run_id,

@@ -23,6 +23,8 @@ DEFAULT_TARGET_BATCH_TIME = 0.25
 DEFAULT_MIN_BATCH_SIZE = 10
 ORDERS = ("heap", "key")
 DEFAULT_ORDER = "heap"
+SYNCHRONOUS_COMMIT_CHOICES = ("off", "server")
+DEFAULT_SYNCHRONOUS_COMMIT = "off"
 DEFAULT_TEMPLATE = "{value}-{pk}"
 DEFAULT_LOCK_TIMEOUT = 2.0
 DEFAULT_STATEMENT_TIMEOUT = 30.0
@@ -476,6 +478,9 @@ class RunConfig:
     # --apply: rename in heap order (decide in key order, sort by heap position: sweep.py)
     # or in key order, each batch deciding its groups under their locks
     order: str = DEFAULT_ORDER
+    # the batches' synchronous_commit: "off" (their COMMIT does not wait for the WAL flush;
+    # a server crash can lose the last ones, data and audit together) or "server"
+    synchronous_commit: str = DEFAULT_SYNCHRONOUS_COMMIT
     create_scan_index: bool = False
     keep_scan_index: bool = False
     scan: ScanConfig = field(default_factory=ScanConfig)
@@ -502,6 +507,11 @@ class RunConfig:
         if self.lock_timeout <= 0 or self.statement_timeout <= 0:
             raise UsageError("--lock-timeout and --statement-timeout must be greater than zero")
         _check_wal_compression(self.wal_compression)
+        if self.synchronous_commit not in SYNCHRONOUS_COMMIT_CHOICES:
+            raise UsageError(
+                f"--synchronous-commit {self.synchronous_commit!r}: one of "
+                f"{', '.join(SYNCHRONOUS_COMMIT_CHOICES)}"
+            )
         if self.order not in ORDERS:
             raise UsageError(f"--order {self.order!r}: one of {', '.join(ORDERS)}")
         if self.run_id is not None and not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", self.run_id):

@@ -82,8 +82,10 @@ async def pool(
     size: int,
     statement_timeout: float | None = None,
     stateless: bool = False,
+    settings: dict[str, str] | None = None,
 ) -> AsyncIterator[asyncpg.Pool]:
-    """`stateless`: the pool's users leave no session state behind (see `_keep_session`)."""
+    """`stateless`: the pool's users leave no session state behind (see `_keep_session`).
+    `settings`: more startup settings for every session (they win over statement_timeout)."""
     try:
         with anyio.fail_after(cfg.connect_timeout + 1):
             p = await asyncpg.create_pool(
@@ -91,7 +93,7 @@ async def pool(
                 min_size=1,
                 max_size=size,
                 timeout=cfg.connect_timeout,
-                server_settings=_settings(statement_timeout),
+                server_settings=_settings(statement_timeout) | (settings or {}),
                 # Pages and batches reuse a handful of statements: let asyncpg prepare them once
                 # per connection.
                 statement_cache_size=256,

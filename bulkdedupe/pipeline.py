@@ -42,7 +42,7 @@ from .scanner import Group, KeyRange, LargestGroups, plan_ranges, scan_range
 from .spool import Spool
 from .sweep import Sweep
 from .throttle import Stopping, Throttle
-from .worker import PlanWriter, Rename, Worker, WorkItem
+from .worker import PlanWriter, Rename, Worker, WorkItem, session_settings
 
 log = structlog.get_logger(__name__)
 
@@ -221,9 +221,9 @@ async def run(
         db.connect(cfg) as control,
         db.pool(
             cfg,
-            size=_worker_tasks(run_cfg) + run_cfg.scan.scanners + 1,
+            size=run_cfg.scan.scanners + 2,
             statement_timeout=run_cfg.scan.statement_timeout,
-            # batches and pages take transaction-level locks only: no reset query after each
+            # pages take transaction-level locks only: no reset query after each
             stateless=True,
         ) as pool,
         contextlib.AsyncExitStack() as resources,
@@ -237,6 +237,23 @@ async def run(
             control=control,
             pool=pool,
             resources=resources,
+        )
+        # The workers' own pool, its sessions set up for batches once (no SET LOCAL each):
+        # opened now that the server's limits (wal_compression) are known.
+        r.worker_pool = await resources.enter_async_context(
+            db.pool(
+                cfg,
+                size=_worker_tasks(r.run_cfg),
+                stateless=True,
+                # r.run_cfg: as _prepare settled it (a resume keeps --disable-triggers)
+                settings=session_settings(
+                    r.run_cfg.lock_timeout,
+                    r.run_cfg.statement_timeout,
+                    r.wal_method,
+                    r.run_cfg.disable_triggers,
+                    "off" if r.run_cfg.synchronous_commit == "off" and r.apply else None,
+                ),
+            )
         )
         try:
             await _engine(r)
@@ -286,6 +303,7 @@ class _Run:
     sample: list[Rename]
     update_triggers: tuple[UpdateTrigger, ...]
     largest: LargestGroups  # of the scan (a dry run shows them, with their share)
+    worker_pool: asyncpg.Pool | None = None  # opened after _prepare (see run)
     status: str = "failed"  # until the engine has seen the work end
 
     @property
@@ -295,7 +313,7 @@ class _Run:
     def worker(self) -> Worker:
         rc = self.run_cfg
         return Worker(
-            pool=self.pool,
+            pool=self.worker_pool or self.pool,
             target=self.target,
             queries=self.target.queries(self.cfg.state_schema),
             run_id=self.run_id,
@@ -313,6 +331,7 @@ class _Run:
             sample=self.sample,
             before_batch=self.throttle.gate(),
             spool_dir=rc.spool_dir,
+            set_local=self.worker_pool is None,
         )
 
     def checkpoint(self) -> dict[str, Any]:
@@ -513,6 +532,7 @@ def _run_options(run_cfg: RunConfig, wal_method: str | None) -> dict[str, Any]:
         "disable_triggers": run_cfg.disable_triggers,
         "allow_row_movement": run_cfg.allow_row_movement,
         "order": run_cfg.order,
+        "synchronous_commit": run_cfg.synchronous_commit,
         "throttle": _throttle_options(run_cfg),
     }
 

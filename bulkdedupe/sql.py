@@ -928,19 +928,43 @@ FROM unnest($1::{self.pk_param}[], $2::{self.group_param}[], $3::{self.pk_param}
 JOIN {self.table} t ON {self.pk_is("t", "e.pk")} AND {same_t}"""
 
     @cached_property
+    def _candidate_lock(self) -> str:
+        """The text whose hash is candidate c.v's advisory lock: the group it would make."""
+        if not self.scoped:
+            return "c.v::text"
+        scope = ", ".join(f"(c.g::jsonb ->> {i})" for i in range(len(self.scope)))
+        return f"jsonb_build_array({scope}, c.v::text)::text"
+
+    @cached_property
+    def lock_chunk(self) -> str:
+        """A chunk's locks in one statement: its groups' (shared, in hash order: see
+        lock_keys_shared), then a non-blocking try on each new value ($3, of groups $4), which
+        returns whether it was taken (`i`: the candidate's place, 1-based). Only the groups'
+        locks wait, so the order of the tries does not matter. Whether a value is free is the
+        UPDATE's own check (apply_renames), with a snapshot taken after these locks."""
+        shared = self.lock_keys_shared.strip().replace(
+            "SELECT pg_advisory_xact_lock_shared(h) FROM",
+            "SELECT count(pg_advisory_xact_lock_shared(h)) AS n FROM",
+            1,
+        )
+        return f"""
+WITH held AS MATERIALIZED (
+{shared}
+)
+SELECT c.i::int AS i,
+       pg_try_advisory_xact_lock(hashtextextended($2 || {self._candidate_lock}, 0)) AS locked
+FROM held LEFT JOIN unnest($3::{self.key_type}[], $4::text[]) WITH ORDINALITY AS c(v, g, i)
+    ON true"""
+
+    @cached_property
     def check_candidates(self) -> str:
         # $3: take a non-blocking advisory lock on each candidate (apply); dry-run takes none.
         # A candidate is usable when it is locked by us and no row holds it.
         # $4: each candidate's group (with --scope: the candidate must be free in its scope,
         # and its lock is the group it would make, as group_of spells it)
-        if self.scoped:
-            scope = ", ".join(f"(c.g::jsonb ->> {i})" for i in range(len(self.scope)))
-            lock = f"jsonb_build_array({scope}, c.v::text)::text"
-            taken = f"t.{self.k} = c.v"
-            if not self.new_values_table_wide:
-                taken += f" AND {self._scope_is('t', 'c.g')}"
-        else:
-            lock, taken = "c.v::text", f"t.{self.k} = c.v"
+        lock, taken = self._candidate_lock, f"t.{self.k} = c.v"
+        if self.scoped and not self.new_values_table_wide:
+            taken += f" AND {self._scope_is('t', 'c.g')}"
         return f"""
 SELECT c.v::text AS v,
        CASE WHEN $3 THEN pg_try_advisory_xact_lock(hashtextextended($2 || {lock}, 0))

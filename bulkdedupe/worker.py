@@ -76,6 +76,29 @@ def batch_settings(
     return (query, *timeouts, wal_compression)
 
 
+def session_settings(
+    lock_timeout: float,
+    statement_timeout: float,
+    wal_compression: str | None,
+    disable_triggers: bool = False,
+    synchronous_commit: str | None = None,
+) -> dict[str, str]:
+    """batch_settings as a session's startup settings, for a pool that only runs batches
+    (the run's workers): no SET LOCAL round trip per batch. `synchronous_commit` "off": a
+    batch's COMMIT returns before its WAL is flushed (see README, --synchronous-commit)."""
+    out = {
+        "lock_timeout": f"{int(lock_timeout * 1000)}ms",
+        "statement_timeout": f"{int(statement_timeout * 1000)}ms",
+    }
+    if wal_compression is not None:
+        out["wal_compression"] = wal_compression
+    if disable_triggers:
+        out["session_replication_role"] = "replica"
+    if synchronous_commit is not None:
+        out["synchronous_commit"] = synchronous_commit
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class WorkItem:
     """Groups handed to a worker; `seq` orders the items of one key range for checkpoints."""
@@ -203,6 +226,7 @@ class Worker:
         sample_size: int = 10,
         before_batch: Callable[[], Awaitable[None]] | None = None,
         spool_dir: str | None = None,
+        set_local: bool = True,
     ) -> None:
         self.pool = pool
         self.target = target
@@ -212,8 +236,11 @@ class Worker:
         self.sizer = sizer
         self.skips = skips
         self.template = template
-        self.settings = batch_settings(
-            lock_timeout, statement_timeout, wal_compression, disable_triggers
+        # False: the pool's sessions start with these settings (session_settings)
+        self.settings = (
+            batch_settings(lock_timeout, statement_timeout, wal_compression, disable_triggers)
+            if set_local
+            else None
         )
         self.max_retries = max_retries
         self.stats = stats
@@ -224,6 +251,10 @@ class Worker:
         # Called before each attempt, before a connection is taken from the pool.
         self.before_batch = before_batch
         self.spool_dir = spool_dir  # where a giant group's list of losers is written
+
+    async def _set_local(self, conn: Conn) -> None:
+        if self.settings is not None:
+            await conn.fetch(*self.settings)
 
     async def handle(self, item: WorkItem) -> None:
         """Work off every group of the item, in transactions of at most the sizer's current
@@ -384,7 +415,7 @@ class Worker:
     async def _transaction(self, keys: list[str], size: int, decided: set[Any]) -> TxResult:
         budget = size if self.apply else 1 << 62
         async with self.pool.acquire() as conn, conn.transaction(readonly=not self.apply):
-            await conn.fetch(*self.settings)
+            await self._set_local(conn)
             if self.apply:
                 await conn.fetch(self.q.lock_keys, keys, self.target.lock_prefix)
             # Read, not FOR UPDATE: the UPDATE below locks each row it renames and re-checks
@@ -455,7 +486,7 @@ class Worker:
     async def _decide_groups(self, keys: list[str]) -> tuple[list[Entry], list[str]]:
         """The losers of these groups as entries, and the groups no longer duplicated."""
         async with self.pool.acquire() as conn, conn.transaction(readonly=True):
-            await conn.fetch(*self.settings)
+            await self._set_local(conn)
             rows = await conn.fetch(self.q.decide_losers, keys)
         char = self.target.key_is_char
         spelling = {equality_key(k, char_semantics=True): k for k in keys} if char else {}
@@ -646,7 +677,7 @@ class Worker:
                 self.pool.acquire() as conn,
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
-                await conn.fetch(*self.settings)
+                await self._set_local(conn)
                 first = await conn.fetchrow(self.q.group_survivor, key)
                 if first is None:
                     return None, losers
@@ -698,14 +729,11 @@ class Worker:
             await self.before_batch()
         started = anyio.current_time()
         async with self.pool.acquire() as conn, conn.transaction(readonly=not self.apply):
-            await conn.fetch(*self.settings)
-            if self.apply:
-                keys = list({e.group for e in entries})
-                await conn.fetch(self.q.lock_keys_shared, keys, self.target.lock_prefix)
+            await self._set_local(conn)
             redo: set[str] = set()
             plans: dict[str, tuple[Row, list[Row]]] = {}
-            trusting = self.apply and not self.target.key_is_char
-            if trusting:
+            keys = list({e.group for e in entries})
+            if self.apply and not self.target.key_is_char:
                 # No re-read: the UPDATE itself renames a row only if it still holds the value,
                 # its survivor too and the new value is free; the rows it leaves go back to be
                 # decided again under lock. (A char(n) key is re-read: its padding may differ
@@ -713,8 +741,26 @@ class Worker:
                 for e in entries:
                     plan = plans.setdefault(e.group, (Row(e.survivor, e.value), []))
                     plan[1].append(Row(e.pk, e.value))
+                renames, unplaceable = self._first_candidates(plans)
+                locks = await conn.fetch(
+                    self.q.lock_chunk,
+                    keys,
+                    self.target.lock_prefix,
+                    [r.new for r in renames],
+                    [r.group for r in renames],
+                )
+                locked = {r["i"] for r in locks if r["locked"]}
+                if len(locked) < len(renames):  # another worker asks for that value now
+                    redo |= {r.group for i, r in enumerate(renames, 1) if i not in locked}
+                    renames = [r for i, r in enumerate(renames, 1) if i in locked]
+                if renames:
+                    made = await self._rename_some(conn, renames)
+                    redo |= {r.group for i, r in enumerate(renames, 1) if i not in made}
+                    renames = [r for i, r in enumerate(renames, 1) if i in made]
                 gone = 0
             else:
+                if self.apply:
+                    await conn.fetch(self.q.lock_keys_shared, keys, self.target.lock_prefix)
                 rows = await conn.fetch(
                     self.q.read_entries,
                     [e.pk for e in entries],
@@ -729,18 +775,14 @@ class Worker:
                         plan = plans.setdefault(e.group, (Row(e.survivor, r["k"]), []))
                         plan[1].append(Row(e.pk, r["k"]))
                 gone = len(entries) - len(rows)
-            current = [
-                GroupPlan(key, survivor, tuple(losers), 0)
-                for key, (survivor, losers) in plans.items()
-                if key not in redo
-            ]
-            renames, unplaceable = await self._assign(conn, current)
-            if trusting and renames:
-                made = await self._rename_some(conn, renames)
-                redo |= {r.group for i, r in enumerate(renames, 1) if i not in made}
-                renames = [r for i, r in enumerate(renames, 1) if i in made]
-            elif self.apply and renames:
-                await self._rename(conn, renames)
+                current = [
+                    GroupPlan(key, survivor, tuple(losers), 0)
+                    for key, (survivor, losers) in plans.items()
+                    if key not in redo
+                ]
+                renames, unplaceable = await self._assign(conn, current)
+                if self.apply and renames:
+                    await self._rename(conn, renames)
         if unplaceable:
             log.warning(
                 "rows left unrenamed: no candidate value fits the column",
@@ -766,6 +808,34 @@ class Worker:
         g.unplaceable += 1
         if len(g.examples) < 5:
             g.examples.append(str(row.pk))
+
+    def _first_candidates(
+        self, plans: dict[str, tuple[Row, list[Row]]]
+    ) -> tuple[list[Rename], list[tuple[str, Row]]]:
+        """Each loser's first candidate that fits the column and no other loser of the chunk
+        gets; whether it is free is for the UPDATE to say (a taken one goes back to a key-order
+        batch, which tries the next ones)."""
+        t = self.target
+        used: set[str] = set()
+        renames: list[Rename] = []
+        unplaceable: list[tuple[str, Row]] = []
+        for key, (survivor, losers) in plans.items():
+            for row in losers:
+                label = pk_label(row.pk, composite=t.composite_pk, without=t.key_in_pk)
+                for c in candidates(
+                    self.template,
+                    row.value,
+                    label,
+                    t.key_max_length,
+                    char_semantics=t.key_is_char,
+                ):
+                    if c not in used:
+                        used.add(c)
+                        renames.append(Rename(row.pk, row.value, c, survivor.pk, key))
+                        break
+                else:
+                    unplaceable.append((key, row))
+        return renames, unplaceable
 
     async def _assign(
         self, conn: Conn, plans: list[GroupPlan]

@@ -160,7 +160,17 @@ async def test_survivor_changed_mid_batch_never_leaves_the_value_unheld(
             await execute(dsn, change)
         return await original(self, conn, plans)
 
+    rename_some = Worker._rename_some
+
+    async def rename_after_the_application(self: Worker, conn: Any, renames: Any) -> Any:
+        # heap order: the chunk has its locks and values; the UPDATE comes next
+        if not fired and any(r.group == "tx-42" for r in renames):
+            fired.append(True)
+            await execute(dsn, change)
+        return await rename_some(self, conn, renames)
+
     monkeypatch.setattr(Worker, "_assign", assign_after_the_application)
+    monkeypatch.setattr(Worker, "_rename_some", rename_after_the_application)
     summary = await pipeline.run(connect(dsn), apply_cfg(concurrency=1, order=order))
 
     assert fired
