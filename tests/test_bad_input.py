@@ -326,6 +326,8 @@ BAD_OPTIONS: list[list[str]] = [
     ["run", "--apply", "--run-id", "bad id;"],
     ["run", "--apply", "--run-id", "x" * 65],
     ["run", "--apply", "--run-id", "r'; DROP TABLE x; --"],
+    ["run", "--apply", "--order", "sideways"],
+    ["run", "--apply", "--synchronous-commit", "maybe"],
     ["run", "--apply", "--keep", "created_at sideways"],
     ["run", "--apply", "--keep", "id,,created_at"],
     ["run", "--apply", "--format", "xml"],

@@ -248,3 +248,61 @@ async def test_stop_during_the_sweep_then_resume_renames_the_rest_once(
     assert first.rows_renamed + resumed.rows_renamed == TO_RENAME
     assert await check_audit_of(dsn, before) == TO_RENAME  # each row audited once
     assert await duplicate_groups(dsn) == {}
+
+
+# --- the worker sessions -------------------------------------------------------------------
+
+
+async def _record_batch_settings(dsn: str) -> None:
+    await execute(
+        dsn,
+        "CREATE TABLE seen (sync text, lock_timeout text)",
+        """CREATE FUNCTION record_settings() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO seen VALUES (current_setting('synchronous_commit'),
+                                     current_setting('lock_timeout'));
+            RETURN NEW;
+        END $$""",
+        "CREATE TRIGGER record_settings BEFORE UPDATE ON payments "
+        "FOR EACH ROW EXECUTE FUNCTION record_settings()",
+    )
+
+
+@pytest.mark.parametrize(
+    ("order", "choice", "expected"),
+    [
+        ("heap", "off", "off"),
+        ("key", "off", "off"),
+        ("heap", "server", "on"),
+    ],
+)
+async def test_batches_run_with_the_sessions_settings(
+    dsn: str, order: str, choice: str, expected: str
+) -> None:
+    # The worker sessions start with the batches' settings (no SET LOCAL): every rename runs
+    # with --lock-timeout and --synchronous-commit, and nothing else of the server changes.
+    await create_payments(dsn, rows=shuffled(LAYOUT, seed=8))
+    await _record_batch_settings(dsn)
+    # the test servers run with synchronous_commit off: this database's sessions default to on
+    await execute(
+        dsn,
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET synchronous_commit = "
+        "on', current_database()); END $$",
+    )
+    server = await fetch(dsn, "SELECT current_setting('synchronous_commit') AS s")
+    assert server[0]["s"] == "on"
+
+    summary = await pipeline.run(
+        connect(dsn),
+        apply_cfg(order=order, synchronous_commit=choice, lock_timeout=1.5, batch_size=10),
+    )
+
+    assert summary.rows_renamed == TO_RENAME
+    seen = await fetch(dsn, "SELECT sync, lock_timeout, count(*) AS n FROM seen GROUP BY 1, 2")
+    assert [(r["sync"], r["lock_timeout"], r["n"]) for r in seen] == [
+        (expected, "1500ms", TO_RENAME)
+    ]
+    assert (await fetch(dsn, "SELECT current_setting('synchronous_commit') AS s"))[0]["s"] == "on"
+    [row] = await fetch(dsn, "SELECT options FROM bulkdedupe.runs")
+    options = json.loads(row["options"])
+    assert (options["order"], options["synchronous_commit"]) == (order, choice)
