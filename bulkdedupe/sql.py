@@ -873,7 +873,7 @@ SELECT pg_advisory_xact_lock(h) FROM (
         else:
             source = f"{self.table} t WHERE t.{self.k} = ANY($1::{self.key_type}[])"
         group = f", {self.group_of('t')} AS g" if self.scoped else ""
-        return f"""SELECT d.* FROM (
+        return f"""SELECT d.pk, d.k, d.rel, d.tid, d.survivor{", d.g" if self.scoped else ""} FROM (
     SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k{self._where_in_heap}{group},
            first_value({self.pk_of("t")}) OVER w AS survivor, row_number() OVER w AS rn
     FROM {source}
