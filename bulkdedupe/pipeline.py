@@ -705,10 +705,13 @@ async def _decide_again(r: _Run, keys: list[str]) -> None:
                 pending.append(Group(key, n))
                 renames += n - 1
                 if renames >= r.pace.batch_size:
-                    await send.send(WorkItem(-1, 0, tuple(pending), None))
+                    if not await _send_unless_stopping(
+                        send, WorkItem(-1, 0, tuple(pending), None), r.stop
+                    ):
+                        return
                     pending, renames = [], 0
             if pending:
-                await send.send(WorkItem(-1, 0, tuple(pending), None))
+                await _send_unless_stopping(send, WorkItem(-1, 0, tuple(pending), None), r.stop)
 
     async def consume(items: ObjectReceiveStream[WorkItem]) -> None:
         worker = r.worker()
@@ -774,9 +777,22 @@ async def _pump(
     # spool -> bounded stream: the workers' backpressure stops here, not at the scan
     async with send:
         while (item := await spool.get()) is not None:
-            if stop.is_set():
+            if stop.is_set() or not await _send_unless_stopping(send, item, stop):
                 return
-            await send.send(item)
+
+
+async def _send_unless_stopping(
+    send: ObjectSendStream[WorkItem], item: WorkItem, stop: anyio.Event
+) -> bool:
+    """Send, unless every consumer has left because the run is stopping (a consumer returns
+    on a stop while the sender waits for room: the stream is then broken, which is no error)."""
+    try:
+        await send.send(item)
+    except anyio.BrokenResourceError:
+        if stop.is_set():
+            return False
+        raise
+    return True
 
 
 async def _consume(r: _Run, items: ObjectReceiveStream[WorkItem]) -> None:

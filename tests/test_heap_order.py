@@ -13,7 +13,8 @@ import asyncpg
 import pytest
 
 from bulkdedupe import pipeline, sweep
-from bulkdedupe.worker import ChunkResult, Entry, Worker
+from bulkdedupe.spool import Spool
+from bulkdedupe.worker import ChunkResult, Entry, Worker, WorkItem
 
 from .factories import apply_cfg, connect, duplicate_groups, shuffled
 from .faults_support import check_audit_of
@@ -306,3 +307,26 @@ async def test_batches_run_with_the_sessions_settings(
     [row] = await fetch(dsn, "SELECT options FROM bulkdedupe.runs")
     options = json.loads(row["options"])
     assert (options["order"], options["synchronous_commit"]) == (order, choice)
+
+
+async def test_stop_while_the_pump_waits_for_room_is_a_clean_interrupt() -> None:
+    # Found by the interleaving test (SIGTERM right after a resume started, exit 4): the only
+    # decider left on a stop (Stopping, from a retried group's batch) while the pump waited for
+    # room in the stream; the pump's send raised BrokenResourceError, an internal error.
+    spool: Spool[WorkItem] = Spool()
+    for seq in range(5):
+        await spool.put(WorkItem(0, seq, (), None))
+    send, recv = anyio.create_memory_object_stream[WorkItem](1)
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(pipeline._pump, spool, send, stop)
+        with recv:
+            await recv.receive()
+            await anyio.wait_all_tasks_blocked()  # the pump waits: the buffer is full
+            stop.set()
+        # the consumer has left; the pump must end quietly, not raise
+    # without a stop, consumers gone is a bug, and says so
+    send2, recv2 = anyio.create_memory_object_stream[WorkItem](0)
+    recv2.close()
+    with send2, pytest.raises(anyio.BrokenResourceError):
+        await pipeline._send_unless_stopping(send2, WorkItem(0, 0, (), None), anyio.Event())
