@@ -8,7 +8,7 @@ import dataclasses
 import json
 import re
 import shlex
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -603,6 +603,17 @@ async def _work(r: _Run, side: TaskGroup) -> None:
     if r.apply and r.run_cfg.order == "heap":
         await _work_in_heap_order(r, side)
         return
+    await _scan_into(r, side, _worker_tasks(r.run_cfg), lambda items: _consume(r, items))
+
+
+async def _scan_into(
+    r: _Run,
+    side: TaskGroup,
+    consumers: int,
+    consume: Callable[[ObjectReceiveStream[WorkItem]], Coroutine[Any, Any, None]],
+) -> None:
+    """The scan's work items, through the spool and a bounded stream, to `consumers` tasks
+    running `consume`; returns when the scan is worked off or the run stops."""
     send, recv = anyio.create_memory_object_stream[WorkItem](max(2, r.run_cfg.concurrency * 2))
     async with anyio.create_task_group() as work:
         scan_scope = anyio.CancelScope()
@@ -610,8 +621,8 @@ async def _work(r: _Run, side: TaskGroup) -> None:
         work.start_soon(_pump, r.spool, send, r.stop)
         side.start_soon(_stop_when_asked, r, scan_scope)
         async with recv:
-            for _ in range(_worker_tasks(r.run_cfg)):
-                work.start_soon(_consume, r, recv.clone())
+            for _ in range(consumers):
+                work.start_soon(consume, recv.clone())
 
 
 async def _work_in_heap_order(r: _Run, side: TaskGroup) -> None:
@@ -621,17 +632,11 @@ async def _work_in_heap_order(r: _Run, side: TaskGroup) -> None:
     sweep = Sweep(directory=r.run_cfg.spool_dir)
     decided: list[tuple[int, int, str | None]] = []  # the work items, for the checkpoint
     try:
-        send, recv = anyio.create_memory_object_stream[WorkItem](max(2, r.run_cfg.concurrency * 2))
-        async with anyio.create_task_group() as work:
-            scan_scope = anyio.CancelScope()
-            work.start_soon(_produce, r, scan_scope)
-            work.start_soon(_pump, r.spool, send, r.stop)
-            side.start_soon(_stop_when_asked, r, scan_scope)
-            async with recv:
-                # reads only: nothing clears the visibility map under the scan, so no reason
-                # to decide with fewer connections while it runs
-                for _ in range(r.run_cfg.concurrency):
-                    work.start_soon(_decide, r, recv.clone(), sweep, decided)
+        # reads only: nothing clears the visibility map under the scan, so no reason to
+        # decide with fewer connections while it runs
+        await _scan_into(
+            r, side, r.run_cfg.concurrency, lambda items: _decide(r, items, sweep, decided)
+        )
         if r.stop.is_set():
             return
         log.info(

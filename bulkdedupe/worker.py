@@ -503,7 +503,10 @@ class Worker:
         seen = {e.group for e in entries}
         return entries, [k for k in keys if k not in seen]
 
-    async def _decide_giant(self, key: str, g: _Progress, sink: Callable[[Entry], None]) -> None:
+    async def _decide_retried(
+        self, key: str, g: _Progress
+    ) -> tuple[Row | None, DiskList[Entry]] | None:
+        """`_decide` with the retries of a batch; None when the group was skipped instead."""
         found: list[tuple[Row | None, DiskList[Entry]]] = []
 
         async def decide(found: list[tuple[Row | None, DiskList[Entry]]] = found) -> list[str]:
@@ -511,9 +514,12 @@ class Worker:
             return []
 
         await self._with_retries([key], {key: g}, decide)
-        if g.skipped or not found:
+        return None if g.skipped or not found else found[-1]
+
+    async def _decide_giant(self, key: str, g: _Progress, sink: Callable[[Entry], None]) -> None:
+        if (decision := await self._decide_retried(key, g)) is None:
             return
-        survivor, losers = found[-1]
+        survivor, losers = decision
         try:
             if survivor is None or not losers:
                 self.stats.skip("no_longer_duplicate", max(g.count - 1, 0))
@@ -636,16 +642,9 @@ class Worker:
         for n in range(MAX_GROUP_PASSES):
             if self.before_batch is not None:
                 await self.before_batch()
-            found: list[tuple[Row | None, DiskList[Entry]]] = []
-
-            async def decide(found: list[tuple[Row | None, DiskList[Entry]]] = found) -> list[str]:
-                found.append(await self._decide(key, g))
-                return []
-
-            await self._with_retries([key], {key: g}, decide)
-            if g.skipped or not found:
+            if (decision := await self._decide_retried(key, g)) is None:
                 return
-            survivor, losers = found[-1]
+            survivor, losers = decision
             try:
                 if survivor is None or not losers:
                     if n == 0:

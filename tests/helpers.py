@@ -16,6 +16,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
 from benchmarks.generate import quote_ident, quote_table
 
@@ -215,3 +216,15 @@ def run_cli(
         cwd=REPO_ROOT,
         check=False,
     )
+
+
+# What the application does to a group's survivor while the tool works on the group: each
+# test formats the survivor's id in ({pk}) and runs it at the moment it means.
+SURVIVOR_CHANGES = pytest.mark.parametrize(
+    "change",
+    [
+        "DELETE FROM payments WHERE id = {pk}",
+        "UPDATE payments SET transaction_id = 'moved' WHERE id = {pk}",
+    ],
+    ids=["survivor-deleted", "survivor-rekeyed"],
+)

@@ -26,7 +26,14 @@ from tests.faults_support import (
     wait_until,
     wait_until_tool_gone,
 )
-from tests.helpers import create_payments, execute, fetch, fetch_keys, fetchval
+from tests.helpers import (
+    SURVIVOR_CHANGES,
+    create_payments,
+    execute,
+    fetch,
+    fetch_keys,
+    fetchval,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -138,14 +145,7 @@ async def test_rows_inserted_into_a_giant_group_while_it_is_renamed_are_picked_u
     assert await check_audit_of(dsn, before | dict.fromkeys(inserted, JUNK)) == rows - 1 + 30
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        "DELETE FROM payments WHERE id = {pk}",
-        "UPDATE payments SET transaction_id = 'moved' WHERE id = {pk}",
-    ],
-    ids=["survivor-deleted", "survivor-rekeyed"],
-)
+@SURVIVOR_CHANGES
 async def test_survivor_of_a_giant_group_changed_midway_makes_the_next_pass_decide_again(
     dsn: str, change: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -18,7 +18,7 @@ from bulkdedupe.worker import ChunkResult, Entry, Worker, WorkItem
 
 from .factories import apply_cfg, connect, duplicate_groups, shuffled
 from .faults_support import check_audit_of
-from .helpers import create_payments, execute, fetch, fetch_keys
+from .helpers import SURVIVOR_CHANGES, create_payments, execute, fetch, fetch_keys
 
 pytestmark = pytest.mark.anyio
 
@@ -103,14 +103,7 @@ async def test_key_order_renames_group_by_group(dsn: str) -> None:
     assert _in_order(txs, lambda row: row[1])
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        "DELETE FROM payments WHERE id = {pk}",
-        "UPDATE payments SET transaction_id = 'moved' WHERE id = {pk}",
-    ],
-    ids=["survivor-deleted", "survivor-rekeyed"],
-)
+@SURVIVOR_CHANGES
 async def test_survivor_changed_after_the_decision_is_decided_again_under_lock(
     dsn: str, change: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
