@@ -1,5 +1,8 @@
 """Where each second and each WAL byte of a run goes (issue 13): the one-statement UPDATE against
-``bulkdedupe run --apply --max-impact off`` and the scan alone, on identical fresh copies.
+``bulkdedupe run --apply --max-impact off`` and the scan alone, on identical fresh copies; and
+the heap-order floor (``benchmarks.baselines heap-floor``: the same renames in heap order with
+their audit rows, found by position, no locks and no checks), the least any heap-order client
+can make the server do.
 
     python -m benchmarks.anatomy --rows 5000000 [--rows 1000000] [--repeat 2] [--no-waldump]
 
@@ -66,7 +69,9 @@ TIMING_SETTINGS: Final = {"track_io_timing": "on", "track_wal_io_timing": "on"}
 # Enough to keep every segment of a 20M run's WAL for pg_waldump (the forensic runs only).
 WAL_KEEP: Final = "64GB"
 BLCKSZ: Final = 8192
-METHODS: Final = ("one-statement", "bulkdedupe", "bulkdedupe-key", "scan")
+METHODS: Final = ("one-statement", "bulkdedupe", "bulkdedupe-key", "heap-floor", "scan")
+# the baselines: run as benchmarks.baselines METHOD, untraced
+BASELINES: Final = ("one-statement", "heap-floor")
 
 
 def log(msg: str) -> None:
@@ -311,7 +316,7 @@ def _who(backend_type: str, app: str | None) -> str:
     if app and app.startswith("bulkdedupe"):
         return "tool"
     if app == "bench-baseline":
-        return "one-statement"
+        return "baseline"
     if backend_type == "client backend":
         return "other client"
     return backend_type
@@ -635,8 +640,8 @@ def tool_source() -> str:
 
 def _argv(method: str, dsn: str, trace_file: Path) -> list[str]:
     py = sys.executable
-    if method == "one-statement":
-        return [py, "-m", "benchmarks.baselines", "one-statement", "-d", dsn]
+    if method in BASELINES:
+        return [py, "-m", "benchmarks.baselines", method, "-d", dsn]
     tool = [py, "-m", "benchmarks.tracer", str(trace_file), "--"]
     tool += ["--log-format", "json", "--log-level", "info"]
     if method == "scan":
@@ -771,12 +776,12 @@ async def measure(
         "idle before": phase_figures(sampler, 0.0, start, None),
         "run": phase_figures(sampler, start, end, tool_pid, flushed),
     }
-    if split is not None and method.startswith("bulkdedupe"):
+    if split is not None and method not in ("one-statement", "scan"):
         phases["scan"] = phase_figures(sampler, start, split, tool_pid)
         phases["renames"] = phase_figures(sampler, split, end, tool_pid, flushed)
         record["split_s"] = round(split, 3)
     record["phases"] = phases
-    if method != "one-statement" and trace_file.exists():
+    if method not in BASELINES and trace_file.exists():
         raw = json.loads(trace_file.read_text())
         trace_split = None if split is None else split + sampler.wall0 - raw["origin_wall"]
         record["trace"] = summarize_trace(raw, trace_split)
@@ -887,6 +892,7 @@ def _label(r: dict[str, Any]) -> str:
         "bulkdedupe": "bulkdedupe run",
         "bulkdedupe-key": "bulkdedupe run --order key",
         "scan": "bulkdedupe scan",
+        "heap-floor": "heap-order floor",
     }
     name = str(names.get(r["method"], r["method"]))
     return name + (" (WAL kept, pg_waldump)" if r["forensic"] else f" #{r['attempt']}")

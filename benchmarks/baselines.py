@@ -4,6 +4,7 @@
     python -m benchmarks.baselines one-statement -d DSN --scope merchant_id --pk id,merchant_id
     python -m benchmarks.baselines per-row -d DSN [--max-seconds S] [--max-rows N]
     python -m benchmarks.baselines batched -d DSN [--concurrency N] [--batch-size N]
+    python -m benchmarks.baselines heap-floor -d DSN [--concurrency N] [--batch-size N]
 
 All keep the lowest id of each group and rename the others to ``{value}-{id}``, exactly as
 ``bulkdedupe run`` does with its defaults, so every method must end with the same table. Each
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import math
 import os
@@ -32,7 +34,15 @@ import asyncpg
 
 from benchmarks.generate import quote_ident, quote_table
 
-__all__ = ["BaselineResult", "batched", "extrapolate", "one_statement", "per_row", "percentile"]
+__all__ = [
+    "BaselineResult",
+    "batched",
+    "extrapolate",
+    "heap_floor",
+    "one_statement",
+    "per_row",
+    "percentile",
+]
 
 APPLICATION_NAME: Final = "bench-baseline"
 
@@ -241,15 +251,10 @@ async def batched(
     bulkdedupe's time is the server's own cost of the renames (WAL, full-page images, buffer
     writes) rather than the tool's."""
     t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
-    audit = quote_ident("bench_batched_audit")
     settings = {"application_name": APPLICATION_NAME}
     conn = await asyncpg.connect(dsn, server_settings=settings)
     try:
-        await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {audit} (id bigserial PRIMARY KEY, pk bigint NOT NULL, "
-            "old_value text NOT NULL, new_value text NOT NULL, "
-            "changed_at timestamptz NOT NULL DEFAULT now())"
-        )
+        audit = await _audit_table(conn)
         began = time.monotonic()
         groups = await conn.fetch(
             f"SELECT {k} AS k, array_agg({p} ORDER BY {p}) AS ids FROM {t} "
@@ -304,9 +309,108 @@ async def batched(
     )
 
 
+async def _audit_table(conn: asyncpg.Connection) -> str:
+    audit = quote_ident("bench_batched_audit")
+    await conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {audit} (id bigserial PRIMARY KEY, pk bigint NOT NULL, "
+        "old_value text NOT NULL, new_value text NOT NULL, "
+        "changed_at timestamptz NOT NULL DEFAULT now())"
+    )
+    return audit
+
+
+async def heap_floor(
+    dsn: str,
+    *,
+    table: str = "payments",
+    key: str = "transaction_id",
+    pk: str = "id",
+    concurrency: int = 4,
+    batch_size: int = 400,
+) -> BaselineResult:
+    """The floor of any heap-order fix (issue 13): what the server itself costs for these
+    renames when a client does the least it can. One query decides (the duplicated values from
+    the key's index, their rows but the lowest id of each, with where they lie, by position),
+    then `batch_size`-row transactions in heap order on `concurrency` connections, each one
+    UPDATE that finds its rows by position (a TID scan: no index descent) and writes its audit
+    rows in the same statement. No advisory locks, no check of survivor or new value, no retry:
+    unsafe on a live table, and the least work bulkdedupe's heap-order sweep can hope to do.
+    Logs "groups decided" (JSON, stderr) when the renames start, so the anatomy splits its
+    phases where it splits the tool's."""
+    t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
+    settings = {"application_name": APPLICATION_NAME}
+    conn = await asyncpg.connect(dsn, server_settings=settings)
+    try:
+        audit = await _audit_table(conn)
+        began = time.monotonic()
+        # the duplicated values from the key's index alone (a GroupAggregate over an
+        # index-only scan), then their rows, each group's first by id left out
+        todo = await conn.fetch(
+            f"""SELECT d.tid, d.pk, d.k FROM (
+                    SELECT t.ctid AS tid, t.{p} AS pk, t.{k} AS k,
+                           row_number() OVER (PARTITION BY t.{k} ORDER BY t.{p}) AS rn
+                    FROM (SELECT {k} AS k FROM {t} WHERE {k} IS NOT NULL
+                          GROUP BY {k} HAVING count(*) > 1) g
+                    JOIN {t} t ON t.{k} = g.k
+                ) d WHERE d.rn > 1 ORDER BY d.tid"""
+        )
+        scan_s = time.monotonic() - began
+        stamp = dt.datetime.now(dt.UTC).isoformat()
+        print(json.dumps({"event": "groups decided", "timestamp": stamp}), file=sys.stderr)
+        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        statement = f"""
+            WITH v AS (
+                SELECT * FROM unnest($1::tid[], $2::bigint[], $3::text[]) AS v(tid, pk, old)
+            ),
+            u AS (
+                UPDATE {t} AS t SET {k} = v.old || '-' || v.pk FROM v
+                WHERE t.ctid = v.tid
+                RETURNING v.pk, v.old, t.{k} AS new
+            )
+            INSERT INTO {audit} (pk, old_value, new_value) SELECT pk, old, new FROM u"""
+        latencies: list[float] = []
+        renamed = 0
+        queue = iter(batches)
+
+        async def work() -> None:
+            nonlocal renamed
+            c = await asyncpg.connect(dsn, server_settings=settings)
+            try:
+                for batch in queue:
+                    t0 = time.monotonic()
+                    async with c.transaction():
+                        status = await c.execute(
+                            statement,
+                            [r[0] for r in batch],
+                            [r[1] for r in batch],
+                            [r[2] for r in batch],
+                        )
+                    latencies.append((time.monotonic() - t0) * 1000)
+                    renamed += int(status.rsplit(" ", 1)[-1])
+            finally:
+                await c.close()
+
+        await asyncio.gather(*(work() for _ in range(concurrency)))
+        seconds = time.monotonic() - began
+    finally:
+        await conn.close()
+    return BaselineResult(
+        method="heap-floor",
+        rows_renamed=renamed,
+        rows_to_rename=len(todo),
+        duration_s=seconds,
+        estimated_duration_s=seconds,
+        transactions=len(latencies),
+        txn_ms_p50=percentile(latencies, 50),
+        txn_ms_p99=percentile(latencies, 99),
+        txn_ms_max=max(latencies, default=0.0),
+        scan_ms=scan_s * 1000,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__)
-    parser.add_argument("method", choices=["one-statement", "per-row", "batched"])
+    parser.add_argument("method", choices=["one-statement", "per-row", "batched", "heap-floor"])
     parser.add_argument("-d", "--dsn", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--table", default="payments")
     parser.add_argument("--key", default="transaction_id")
@@ -320,8 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-seconds", type=float, default=None, help="per-row: stop after")
     parser.add_argument("--max-rows", type=int, default=None, help="per-row: stop after")
-    parser.add_argument("--concurrency", type=int, default=4, help="batched: connections")
-    parser.add_argument("--batch-size", type=int, default=1000, help="batched: rows a txn")
+    parser.add_argument(
+        "--concurrency", type=int, default=4, help="batched, heap-floor: connections"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="batched (1000), heap-floor (400): rows a txn"
+    )
     args = parser.parse_args(argv)
     if not args.dsn:
         parser.error("no DSN: pass -d/--dsn or set DATABASE_URL")
@@ -333,8 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.method == "one-statement":
             result = asyncio.run(one_statement(args.dsn, **names, scope=scope))
         elif args.method == "batched":
+            size = args.batch_size or 1000
             result = asyncio.run(
-                batched(args.dsn, **names, concurrency=args.concurrency, batch_size=args.batch_size)
+                batched(args.dsn, **names, concurrency=args.concurrency, batch_size=size)
+            )
+        elif args.method == "heap-floor":
+            size = args.batch_size or 400
+            result = asyncio.run(
+                heap_floor(args.dsn, **names, concurrency=args.concurrency, batch_size=size)
             )
         else:
             result = asyncio.run(

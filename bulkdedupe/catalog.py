@@ -53,6 +53,8 @@ class Target:
     scan_index: str | None
     # a partitioned table's tree (see Partitioning); None: a plain table
     partitions: Partitioning | None = None
+    # a plain table without inheritance children: a heap position names one of its rows
+    by_position: bool = False
 
     @property
     def qualified(self) -> str:
@@ -95,6 +97,7 @@ class Target:
             scope_types=self.scope_types,
             scan_columns=self.scan_columns or (*self.scope, self.key),
             new_values_table_wide=self.key_indexed,
+            by_position=self.by_position,
         )
 
 
@@ -248,6 +251,7 @@ async def resolve(conn: Conn, cfg: ConnectConfig, keep: tuple[OrderItem, ...] = 
         estimated_rows=_estimated_rows(table_row, partitions),
         scan_index=_scan_index(index_rows, None if scope else partitions),
         partitions=partitions,
+        by_position=table_row["relkind"] == "r" and not table_row["has_children"],
     )
 
 

@@ -42,7 +42,7 @@ SELECT current_setting('server_version_num')::int AS version_num,
 # to_regclass parses the quoted name itself: no SQL is ever executed from user input.
 RESOLVE_TABLE = """
 SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind, c.reltuples::bigint AS reltuples,
-       c.relpages::bigint AS relpages
+       c.relpages::bigint AS relpages, c.relhassubclass AS has_children
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass($1)
 """
@@ -647,6 +647,9 @@ class TargetSql:
     # with --scope: check new values free in the whole table (an index leads with the key, so
     # the probe is cheap), not only in their scope
     new_values_table_wide: bool = True
+    # a table that is not partitioned: a decided rename finds its row and its survivor by heap
+    # position (apply_renames_at), the way neither prunes a page it only reads
+    by_position: bool = False
 
     @cached_property
     def k(self) -> str:
@@ -873,9 +876,11 @@ SELECT pg_advisory_xact_lock(h) FROM (
         else:
             source = f"{self.table} t WHERE t.{self.k} = ANY($1::{self.key_type}[])"
         group = f", {self.group_of('t')} AS g" if self.scoped else ""
-        return f"""SELECT d.pk, d.k, d.rel, d.tid, d.survivor{", d.g" if self.scoped else ""} FROM (
+        g = ", d.g" if self.scoped else ""
+        return f"""SELECT d.pk, d.k, d.rel, d.tid, d.survivor, d.survivor_tid{g} FROM (
     SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k{self._where_in_heap}{group},
-           first_value({self.pk_of("t")}) OVER w AS survivor, row_number() OVER w AS rn
+           first_value({self.pk_of("t")}) OVER w AS survivor,
+           first_value(t.ctid) OVER w AS survivor_tid, row_number() OVER w AS rn
     FROM {source}
     WINDOW w AS (PARTITION BY {self._group_columns()} ORDER BY {self._keep_order()})
 ) d WHERE d.rn > 1"""
@@ -894,7 +899,8 @@ WHERE t.{self.k} = ANY($1::{self.key_type}[]) ORDER BY {self._order()}"""
     @cached_property
     def group_survivor(self) -> str:
         # the row an ordinary batch would keep (first by --keep order); a top-1 sort, no more
-        return f"""SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k FROM {self.table} t
+        return f"""SELECT {self.pk_of("t")} AS pk, t.{self.k} AS k, t.ctid AS tid
+FROM {self.table} t
 WHERE {self.group_is("t", f"$1::{self.group_param}")} ORDER BY {self._order()} LIMIT 1"""
 
     @cached_property
@@ -938,10 +944,16 @@ JOIN {self.table} t ON {self.pk_is("t", "e.pk")} AND {same_t}"""
     @cached_property
     def lock_chunk(self) -> str:
         """A chunk's locks in one statement: its groups' (shared, in hash order: see
-        lock_keys_shared), then a non-blocking try on each new value ($3, of groups $4), which
-        returns whether it was taken (`i`: the candidate's place, 1-based). Only the groups'
-        locks wait, so the order of the tries does not matter. Whether a value is free is the
-        UPDATE's own check (apply_renames), with a snapshot taken after these locks."""
+        lock_keys_shared), then a non-blocking try on each new value ($3; with --scope, of
+        groups $4). One row: `refused`, the places (1-based) of the candidates whose lock
+        another session holds, NULL when none (a chunk's usual answer: no row per candidate to
+        send and decode). Only the groups' locks wait, so the order of the tries does not
+        matter. Whether a value is free is the UPDATE's own check (apply_renames), with a
+        snapshot taken after these locks."""
+        if self.scoped:
+            candidates = f"unnest($3::{self.key_type}[], $4::text[]) WITH ORDINALITY AS c(v, g, i)"
+        else:
+            candidates = f"unnest($3::{self.key_type}[]) WITH ORDINALITY AS c(v, i)"
         shared = self.lock_keys_shared.strip().replace(
             "SELECT pg_advisory_xact_lock_shared(h) FROM",
             "SELECT count(pg_advisory_xact_lock_shared(h)) AS n FROM",
@@ -951,10 +963,10 @@ JOIN {self.table} t ON {self.pk_is("t", "e.pk")} AND {same_t}"""
 WITH held AS MATERIALIZED (
 {shared}
 )
-SELECT c.i::int AS i,
-       pg_try_advisory_xact_lock(hashtextextended($2 || {self._candidate_lock}, 0)) AS locked
-FROM held LEFT JOIN unnest($3::{self.key_type}[], $4::text[]) WITH ORDINALITY AS c(v, g, i)
-    ON true"""
+SELECT array_agg(c.i::int) FILTER (
+           WHERE NOT pg_try_advisory_xact_lock(hashtextextended($2 || {self._candidate_lock}, 0))
+       ) AS refused
+FROM held LEFT JOIN {candidates} ON true"""
 
     @cached_property
     def check_candidates(self) -> str:
@@ -1025,6 +1037,42 @@ SELECT $4, u.pk::text, u.old_text, u.new::text FROM u"""
         INSERT is a data-modifying WITH: run once and to completion, read or not."""
         head, insert = self.apply_renames.rsplit("\n-- old_text", 1)
         return f"{head},\naudit AS (\n-- old_text{insert}\n)\nSELECT u.i::int AS i FROM u"
+
+    @cached_property
+    def apply_renames_at(self) -> str:
+        """apply_renames_returning for a chunk of decided renames on a table that is not
+        partitioned (`by_position`), a key that is not char(n) (its text is its bytes): each
+        row and its survivor found by heap position ($1, $5) and checked by primary key ($2,
+        $6), so the UPDATE reads the one page of each. An index scan's heap fetch would also
+        prune the page (opportunistic pruning): a survivor's page, swept long before, written
+        again, with a full-page image after a checkpoint (18 % of the WAL, measured at 5M
+        rows). A row that moved since its decision (the application updated it) is not found:
+        its group is decided again under lock, as when its value changed. $7 the run; $8 with
+        --scope, the groups. Only the arrays it needs, and one row back: `left_alone`, the
+        places (1-based) of the renames it did not make, NULL when it made them all (a million
+        renames at 20M rows: no row per rename to send and decode)."""
+        grp, grp_name = (", $8::text[]", ", grp") if self.scoped else ("", "")
+        return f"""
+WITH v AS (
+    SELECT * FROM unnest($1::tid[], $2::{self.pk_param}[], $3::{self.key_type}[],
+                         $4::{self.key_type}[], $5::tid[], $6::{self.pk_param}[]{grp})
+        WITH ORDINALITY AS v(tid, pk, old, new, stid, survivor{grp_name}, i)
+), u AS (
+    UPDATE {self.table} t SET {self.k} = v.new FROM v
+    WHERE t.ctid = v.tid AND {self.pk_is("t", "v.pk")}
+      AND (t.{self.k} = v.old) IS TRUE{self._same_scope("t")}
+      AND EXISTS (SELECT 1 FROM {self.table} s
+                  WHERE s.ctid = v.stid AND {self.pk_is("s", "v.survivor")}
+                    AND (s.{self.k} = v.old) IS TRUE{self._same_scope("s")})
+      AND NOT EXISTS (SELECT 1 FROM {self.table} o
+                      WHERE o.{self.k} = v.new{self._new_value_scope()})
+    RETURNING {self.pk_of("t")} AS pk, v.old, v.new, v.i
+), audit AS (
+    INSERT INTO {self.state.changes} (run_id, pk, old_value, new_value)
+    SELECT $7, u.pk::text, u.old::text, u.new::text FROM u
+)
+SELECT array_agg(v.i::int) FILTER (WHERE u.i IS NULL) AS left_alone
+FROM v LEFT JOIN u ON u.i = v.i"""
 
 
 SET_BATCH_TIMEOUTS = (

@@ -44,12 +44,19 @@ log = structlog.get_logger(__name__)
 SORT_RUN_ITEMS = 200_000
 
 
+def heap_position(e: Entry) -> int:
+    """Where the entry's row lies as one int (partition oid, block, line pointer: 32, 32 and 16
+    bits), the sort's key: ints compare several times faster than tuples' fields (0.6 s for
+    each run of 200k, a tenth of the tool's CPU at 5M rows, was the tuples' sort)."""
+    return (e.rel << 48) | (e.block << 16) | e.offset
+
+
 class Sweep:
     """The decided renames, sorted on disk, and what the chunks leave for later."""
 
     def __init__(self, *, directory: str | None = None) -> None:
         self.entries: ExternalSort[Entry] = ExternalSort(
-            directory=directory, run_items=SORT_RUN_ITEMS
+            directory=directory, run_items=SORT_RUN_ITEMS, key=heap_position
         )
         self.redo: set[str] = set()  # groups to decide again (their survivor changed)
         # giant groups (a junk value the application may go on inserting): decided again too

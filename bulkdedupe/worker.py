@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
 import anyio
@@ -122,6 +123,9 @@ class Rename(NamedTuple):
     new: str
     survivor_pk: Any
     group: str  # the group's key as the scan spelled it (bpchar: may differ from `old`)
+    # a decided rename's heap positions (block, offset) of its row and of its survivor
+    at: tuple[int, int] | None = None
+    survivor_at: tuple[int, int] | None = None
 
 
 class Entry(NamedTuple):
@@ -137,6 +141,7 @@ class Entry(NamedTuple):
     group: str  # as the scan spells it
     survivor: Any  # the survivor's primary key
     value: str  # the row's key as read when decided
+    survivor_at: tuple[int, int] | None = None  # where the survivor lay (block, offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +154,14 @@ class ChunkResult:
     unplaceable: list[tuple[str, Row]]  # (group, row) that no candidate value fits
 
 
-def entry_of(record: Any, group: str, survivor: Any) -> Entry:
+def entry_of(
+    record: Any, group: str, survivor: Any, survivor_at: tuple[int, int] | None = None
+) -> Entry:
     """The entry of a row read with the heap position columns (`rel`, `tid`)."""
     block, offset = record["tid"]
-    return Entry(record["rel"], block, offset, record["pk"], group, survivor, record["k"])
+    return Entry(
+        record["rel"], block, offset, record["pk"], group, survivor, record["k"], survivor_at
+    )
 
 
 @dataclass(slots=True)
@@ -160,9 +169,11 @@ class _Progress:
     """One group of a work item while it is worked off, over one or more transactions."""
 
     count: int  # rows holding the key, as last known
-    decided: set[Any] = field(default_factory=set)  # losers that got no value: never again
+    # losers that got no value: never again (a set of their own once there is one: most
+    # groups never have one, and a heap-order decision makes a _Progress per group scanned)
+    decided: AbstractSet[Any] = frozenset()
     unplaceable: int = 0
-    examples: list[str] = field(default_factory=list)  # a few of their pks, for the operator
+    examples: tuple[str, ...] = ()  # a few of their pks, for the operator
     skipped: bool = False
 
     @property
@@ -491,15 +502,27 @@ class Worker:
         char = self.target.key_is_char
         spelling = {equality_key(k, char_semantics=True): k for k in keys} if char else {}
         entries = []
-        for r in rows:
+        if not self.q.scoped and not char:  # the common case, a million times at 20M rows
+            for pk, k, rel, (block, offset), survivor, survivor_at in rows:
+                entries.append(Entry(rel, block, offset, pk, k, survivor, k, survivor_at))
+        for r in rows if self.q.scoped or char else ():
             if self.q.scoped:
                 group = r["g"]
-            elif char:  # named as the scan spelled it: padding is not significant
+            else:  # char: named as the scan spelled it, padding is not significant
                 group = spelling.get(equality_key(r["k"], char_semantics=True), r["k"])
-            else:
-                group = r["k"]
             block, offset = r["tid"]
-            entries.append(Entry(r["rel"], block, offset, r["pk"], group, r["survivor"], r["k"]))
+            entries.append(
+                Entry(
+                    r["rel"],
+                    block,
+                    offset,
+                    r["pk"],
+                    group,
+                    r["survivor"],
+                    r["k"],
+                    tuple(r["survivor_tid"]),
+                )
+            )
         seen = {e.group for e in entries}
         return entries, [k for k in keys if k not in seen]
 
@@ -619,10 +642,32 @@ class Worker:
             [r.group for r in renames],
         )
 
+    @staticmethod
+    def _hand_back(renames: list[Rename], places: set[int], redo: set[str]) -> list[Rename]:
+        """The renames but those at `places` (1-based), whose groups go to `redo`."""
+        redo |= {r.group for i, r in enumerate(renames, 1) if i in places}
+        return [r for i, r in enumerate(renames, 1) if i not in places]
+
     async def _rename_some(self, conn: Conn, renames: list[Rename]) -> set[int]:
-        """The chunk's UPDATE with its audit rows: the places (1-based) of the renames made."""
+        """The chunk's UPDATE with its audit rows: the places (1-based) of the renames it did
+        not make. On a table that is not partitioned, rows and survivors are found by heap
+        position."""
+        if self.q.by_position and all(r.at and r.survivor_at for r in renames):
+            left_alone = await conn.fetchval(
+                self.q.apply_renames_at,
+                [r.at for r in renames],
+                [r.pk for r in renames],
+                [r.old for r in renames],
+                [r.new for r in renames],
+                [r.survivor_at for r in renames],
+                [r.survivor_pk for r in renames],
+                self.run_id,
+                *(([r.group for r in renames],) if self.q.scoped else ()),
+            )
+            return set(left_alone or ())
         rows = await conn.fetch(self.q.apply_renames_returning, *self._rename_args(renames))
-        return {r["i"] for r in rows}
+        made = {r["i"] for r in rows}
+        return {i for i in range(1, len(renames) + 1) if i not in made}
 
     # --- a giant group: more losers than one batch --------------------------------------
 
@@ -684,7 +729,7 @@ class Worker:
                     self.q.group_losers, key, first["pk"], prefetch=LOSERS_PREFETCH
                 ):
                     if r["pk"] not in g.decided:
-                        losers.append(entry_of(r, key, first["pk"]))
+                        losers.append(entry_of(r, key, first["pk"], tuple(first["tid"])))
         except BaseException:
             losers.close()
             raise
@@ -737,25 +782,21 @@ class Worker:
                 # its survivor too and the new value is free; the rows it leaves go back to be
                 # decided again under lock. (A char(n) key is re-read: its padding may differ
                 # from the decision's, and the audit keeps the exact bytes.)
-                for e in entries:
-                    plan = plans.setdefault(e.group, (Row(e.survivor, e.value), []))
-                    plan[1].append(Row(e.pk, e.value))
-                renames, unplaceable = self._first_candidates(plans)
-                locks = await conn.fetch(
+                renames, unplaceable = self._first_candidates(entries)
+                scoped = ([r.group for r in renames],) if self.q.scoped else ()
+                refused = await conn.fetchval(
                     self.q.lock_chunk,
                     keys,
                     self.target.lock_prefix,
                     [r.new for r in renames],
-                    [r.group for r in renames],
+                    *scoped,
                 )
-                locked = {r["i"] for r in locks if r["locked"]}
-                if len(locked) < len(renames):  # another worker asks for that value now
-                    redo |= {r.group for i, r in enumerate(renames, 1) if i not in locked}
-                    renames = [r for i, r in enumerate(renames, 1) if i in locked]
+                if refused:  # another session asks for that value now
+                    renames = self._hand_back(renames, set(refused), redo)
                 if renames:
-                    made = await self._rename_some(conn, renames)
-                    redo |= {r.group for i, r in enumerate(renames, 1) if i not in made}
-                    renames = [r for i, r in enumerate(renames, 1) if i in made]
+                    left_alone = await self._rename_some(conn, renames)
+                    if left_alone:
+                        renames = self._hand_back(renames, left_alone, redo)
                 gone = 0
             else:
                 if self.apply:
@@ -803,37 +844,44 @@ class Worker:
 
     def _unplaceable(self, key: str, g: _Progress, row: Row) -> None:
         # decided for good: never picked again, so the group's next transaction moves on
+        if not isinstance(g.decided, set):
+            g.decided = set(g.decided)
         g.decided.add(row.pk)
         g.unplaceable += 1
         if len(g.examples) < 5:
-            g.examples.append(str(row.pk))
+            g.examples += (str(row.pk),)
 
-    def _first_candidates(
-        self, plans: dict[str, tuple[Row, list[Row]]]
-    ) -> tuple[list[Rename], list[tuple[str, Row]]]:
+    def _first_candidates(self, entries: list[Entry]) -> tuple[list[Rename], list[tuple[str, Row]]]:
         """Each loser's first candidate that fits the column and no other loser of the chunk
         gets; whether it is free is for the UPDATE to say (a taken one goes back to a key-order
-        batch, which tries the next ones)."""
+        batch, which tries the next ones). In heap order, as the entries come: the UPDATE
+        visits their pages in that order. The first candidate is rendered once, and the
+        candidates' generator walked only when it does not do (a million renames at 20M
+        rows: this is the sweep's own loop)."""
         t = self.target
+        template, max_length, composite = self.template, t.key_max_length, t.composite_pk
         used: set[str] = set()
         renames: list[Rename] = []
         unplaceable: list[tuple[str, Row]] = []
-        for key, (survivor, losers) in plans.items():
-            for row in losers:
-                label = pk_label(row.pk, composite=t.composite_pk, without=t.key_in_pk)
-                for c in candidates(
-                    self.template,
-                    row.value,
-                    label,
-                    t.key_max_length,
-                    char_semantics=t.key_is_char,
-                ):
-                    if c not in used:
-                        used.add(c)
-                        renames.append(Rename(row.pk, row.value, c, survivor.pk, key))
-                        break
-                else:
-                    unplaceable.append((key, row))
+        for e in entries:
+            label = pk_label(e.pk, composite=True, without=t.key_in_pk) if composite else e.pk
+            first = template.format(value=e.value, pk=label)
+            if (
+                first
+                and first != e.value
+                and (max_length is None or len(first) <= max_length)
+                and first not in used
+            ):
+                chosen: str | None = first
+            else:
+                gen = candidates(template, e.value, label, max_length)
+                chosen = next((c for c in gen if c not in used), None)
+            if chosen is None:
+                unplaceable.append((e.group, Row(e.pk, e.value)))
+                continue
+            used.add(chosen)
+            at = (e.block, e.offset)
+            renames.append(Rename(e.pk, e.value, chosen, e.survivor, e.group, at, e.survivor_at))
         return renames, unplaceable
 
     async def _assign(

@@ -250,13 +250,15 @@ async def test_a_chunk_finds_its_rows_by_primary_key_even_with_a_generic_plan(ds
 
         target = await catalog.resolve(conn, connect(dsn))
         q = target.queries("bulkdedupe")
-        junk = [
-            r["id"]
-            for r in await conn.fetch(
-                f"SELECT id FROM payments WHERE transaction_id = '{JUNK}' ORDER BY id DESC"
-            )
-        ]
+        found = await conn.fetch(
+            f"SELECT id, ctid::text AS tid FROM payments WHERE transaction_id = '{JUNK}' "
+            "ORDER BY id DESC"
+        )
+        junk = [r["id"] for r in found]
         survivor, chunk = junk[-1], junk[:400]
+        # heap positions, for the by-position statement (run first: the others move the rows)
+        tids = "'{" + ",".join(f'"{r["tid"]}"' for r in found[:400]) + "}'::tid[]"
+        stids = "'{" + ",".join([f'"{found[-1]["tid"]}"'] * len(chunk)) + "}'::tid[]"
         ids = "'{" + ",".join(map(str, chunk)) + "}'::bigint[]"
         olds = "'{" + ",".join([JUNK] * len(chunk)) + "}'::varchar[]"
         news = "'{" + ",".join(f"{JUNK}-{pk}" for pk in chunk) + "}'::varchar[]"
@@ -267,6 +269,10 @@ async def test_a_chunk_finds_its_rows_by_primary_key_even_with_a_generic_plan(ds
             "CREATE TABLE bulkdedupe.changes (run_id text, pk text, old_value text, new_value text)"
         )
         statements = {
+            "apply_renames_at": (
+                q.apply_renames_at,
+                f"{tids}, {ids}, {olds}, {news}, {stids}, {survivors}, 'r'",
+            ),
             "read_entries": (q.read_entries, f"{ids}, {olds}, {survivors}"),
             "apply_renames": (
                 q.apply_renames,
@@ -294,7 +300,10 @@ async def test_a_chunk_finds_its_rows_by_primary_key_even_with_a_generic_plan(ds
                         "t",
                         "s",
                     ):
-                        assert n.get("Index Name") == "payments_pkey", f"{name}: {n}"
+                        if name == "apply_renames_at":  # by heap position, the pk checked
+                            assert n["Node Type"] == "Tid Scan", f"{name}: {n}"
+                        else:
+                            assert n.get("Index Name") == "payments_pkey", f"{name}: {n}"
                 # undo what EXPLAIN ANALYZE did
                 await conn.execute("DELETE FROM bulkdedupe.changes")
                 await conn.execute(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from decimal import Decimal
 from typing import Any
 
 import anyio
@@ -160,6 +161,50 @@ async def test_row_the_application_rekeys_meanwhile_keeps_its_new_value(
     assert (await fetch_keys(dsn))[loser] == "mine"  # the application's write is not lost
     assert await check_audit_of(dsn, before | {loser: "mine"}) == TO_RENAME - 1
     assert await duplicate_groups(dsn) == {}
+
+
+async def test_rows_the_application_moves_meanwhile_are_renamed_with_its_writes_kept(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain table's chunk finds each row and its survivor by heap position (a TID scan:
+    no pruning of pages it only reads). A row the application updates after the decision has
+    moved (a new version, another ctid): the chunk does not find it, and its group is decided
+    again under lock, so the rename still happens, on the current row, whose other columns
+    keep the application's write; a moved survivor is still the survivor."""
+    await create_payments(dsn, rows=shuffled(LAYOUT, seed=6))
+    before = await fetch_keys(dsn)
+    rows_of = {k: sorted(pk for pk, v in before.items() if v == k) for k in ("tx-001", "tx-002")}
+    loser = rows_of["tx-001"][1]  # a loser that moves
+    survivor = rows_of["tx-002"][0]  # a survivor that moves
+    original = Worker.rename_entries
+    moved: list[Any] = []
+
+    async def application_updates_other_columns(self: Worker, entries: list[Entry]) -> Any:
+        if not moved:  # every group is decided; the application writes before the renames
+            moved.extend(
+                await fetch(
+                    dsn, "SELECT id, ctid FROM payments WHERE id = ANY($1)", [loser, survivor]
+                )
+            )
+            await execute(
+                dsn, f"UPDATE payments SET amount = 99.99 WHERE id IN ({loser}, {survivor})"
+            )
+        return await original(self, entries)
+
+    monkeypatch.setattr(Worker, "rename_entries", application_updates_other_columns)
+    summary = await pipeline.run(connect(dsn), apply_cfg(batch_size=10, concurrency=2))
+
+    assert summary.status == "completed"
+    now = {r["id"]: r for r in await fetch(dsn, "SELECT id, ctid, amount FROM payments")}
+    # both rows did move: the chunks' positions were stale for them
+    assert {r["id"]: r["ctid"] for r in moved} != {pk: now[pk]["ctid"] for pk in (loser, survivor)}
+    after = await fetch_keys(dsn)
+    assert after[loser] == f"tx-001-{loser}"  # renamed all the same
+    assert after[survivor] == "tx-002"  # still the survivor
+    assert all(k != "tx-002" for pk, k in after.items() if pk != survivor)
+    assert now[loser]["amount"] == now[survivor]["amount"] == Decimal("99.99")  # not lost
+    assert await duplicate_groups(dsn) == {}
+    assert await check_audit_of(dsn, before) == TO_RENAME
 
 
 async def test_chunk_meeting_a_held_row_is_left_to_a_key_order_batch(

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from bulkdedupe import spool as spool_module
 from bulkdedupe.errors import BulkDedupeError
 from bulkdedupe.spool import DiskList, ExternalSort, Spool
+from bulkdedupe.sweep import heap_position
+from bulkdedupe.worker import Entry
 
 pytestmark = pytest.mark.anyio
 
@@ -162,6 +164,34 @@ def test_external_sort_takes_every_item_once_in_sorted_order(
     s.close()
     assert out == sorted(items)
     assert len(s) == len(items)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    places=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=2**32 - 1),  # partition oid
+            st.integers(min_value=0, max_value=2**32 - 1),  # block
+            st.integers(min_value=1, max_value=2**16 - 1),  # line pointer
+        ),
+        unique=True,
+        max_size=300,
+    ),
+    run_items=st.integers(min_value=1, max_value=40),
+)
+def test_heap_position_key_sorts_entries_as_their_places(
+    places: list[tuple[int, int, int]], run_items: int
+) -> None:
+    """The sweep's sort key (one int) orders entries exactly as (partition, block, offset)
+    would, over the whole range of each, in memory and across spilled runs."""
+    s: ExternalSort[Entry] = ExternalSort(run_items=run_items, record_items=3, key=heap_position)
+    for i, (rel, block, offset) in enumerate(places):
+        s.add(Entry(rel, block, offset, i, "g", 0, "v", (0, 1)))
+    out: list[Entry] = []
+    while chunk := s.take(7):
+        out.extend(chunk)
+    s.close()
+    assert [(e.rel, e.block, e.offset) for e in out] == sorted(places)
 
 
 def test_external_sort_keeps_at_most_one_run_in_memory(tmp_path: Path) -> None:
