@@ -729,6 +729,7 @@ async def measure(
         if forensic and ctx.waldump and ctx.waldir:
             lsn0, lsn1 = int(before["counters"]["lsn"]), int(after["counters"]["lsn"])
             names = await relation_names(conn)
+            await _flushed_to(conn, lsn1)
             log(f"{what}: reading {(lsn1 - lsn0) / 2**20:,.0f} MiB of WAL with pg_waldump ...")
             try:
                 record["waldump"] = await anyio.to_thread.run_sync(
@@ -789,6 +790,18 @@ async def measure(
     if method != "scan" and out is not None:
         record["correctness"] = await _check(dsn, meta, int(out.get("rows_renamed", 0)))
     return record
+
+
+async def _flushed_to(conn: asyncpg.Connection, lsn: int) -> None:
+    """Wait (10 s at most) until the server has flushed its WAL up to `lsn` (the insert
+    position read after the run: the last records of other sessions may still be in WAL
+    buffers, and pg_waldump reads only what is on disk: asked for more, it fails)."""
+    flushed = "SELECT pg_wal_lsn_diff(pg_current_wal_flush_lsn(), '0/0')::bigint"
+    with anyio.move_on_after(10):
+        for _ in range(200):
+            if await conn.fetchval(flushed) >= lsn:
+                return
+            await anyio.sleep(0.05)
 
 
 def _waldump(

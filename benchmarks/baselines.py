@@ -272,33 +272,48 @@ async def batched(
                 RETURNING t.{p} AS pk, v.old, t.{k} AS new
             )
             INSERT INTO {audit} (pk, old_value, new_value) SELECT pk, old, new FROM u"""
-        latencies: list[float] = []
-        renamed = 0
-        queue = iter(batches)
-
-        async def work() -> None:
-            nonlocal renamed
-            c = await asyncpg.connect(dsn, server_settings=settings)
-            try:
-                for batch in queue:
-                    t0 = time.monotonic()
-                    async with c.transaction():
-                        status = await c.execute(
-                            statement, [r[0] for r in batch], [r[1] for r in batch]
-                        )
-                    latencies.append((time.monotonic() - t0) * 1000)
-                    renamed += int(status.rsplit(" ", 1)[-1])
-            finally:
-                await c.close()
-
-        await asyncio.gather(*(work() for _ in range(concurrency)))
+        renamed, latencies = await _run_batches(dsn, statement, batches, concurrency)
         seconds = time.monotonic() - began
     finally:
         await conn.close()
+    return _batched_result("batched", renamed, len(todo), seconds, latencies, scan_s)
+
+
+async def _run_batches(
+    dsn: str, statement: str, batches: Sequence[Sequence[Any]], concurrency: int
+) -> tuple[int, list[float]]:
+    """Each batch (rows of the statement's parameters, one column per parameter array) as its
+    own transaction, on `concurrency` connections taking the next batch as they finish: the
+    rows the statement changed, and each transaction's milliseconds."""
+    latencies: list[float] = []
+    renamed = 0
+    queue = iter(batches)
+
+    async def work() -> None:
+        nonlocal renamed
+        c = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
+        try:
+            for batch in queue:
+                columns = [list(column) for column in zip(*batch, strict=True)]
+                t0 = time.monotonic()
+                async with c.transaction():
+                    status = await c.execute(statement, *columns)
+                latencies.append((time.monotonic() - t0) * 1000)
+                renamed += int(status.rsplit(" ", 1)[-1])
+        finally:
+            await c.close()
+
+    await asyncio.gather(*(work() for _ in range(concurrency)))
+    return renamed, latencies
+
+
+def _batched_result(
+    method: str, renamed: int, todo: int, seconds: float, latencies: list[float], scan_s: float
+) -> BaselineResult:
     return BaselineResult(
-        method="batched",
+        method=method,
         rows_renamed=renamed,
-        rows_to_rename=len(todo),
+        rows_to_rename=todo,
         duration_s=seconds,
         estimated_duration_s=seconds,
         transactions=len(latencies),
@@ -368,44 +383,11 @@ async def heap_floor(
                 RETURNING v.pk, v.old, t.{k} AS new
             )
             INSERT INTO {audit} (pk, old_value, new_value) SELECT pk, old, new FROM u"""
-        latencies: list[float] = []
-        renamed = 0
-        queue = iter(batches)
-
-        async def work() -> None:
-            nonlocal renamed
-            c = await asyncpg.connect(dsn, server_settings=settings)
-            try:
-                for batch in queue:
-                    t0 = time.monotonic()
-                    async with c.transaction():
-                        status = await c.execute(
-                            statement,
-                            [r[0] for r in batch],
-                            [r[1] for r in batch],
-                            [r[2] for r in batch],
-                        )
-                    latencies.append((time.monotonic() - t0) * 1000)
-                    renamed += int(status.rsplit(" ", 1)[-1])
-            finally:
-                await c.close()
-
-        await asyncio.gather(*(work() for _ in range(concurrency)))
+        renamed, latencies = await _run_batches(dsn, statement, batches, concurrency)
         seconds = time.monotonic() - began
     finally:
         await conn.close()
-    return BaselineResult(
-        method="heap-floor",
-        rows_renamed=renamed,
-        rows_to_rename=len(todo),
-        duration_s=seconds,
-        estimated_duration_s=seconds,
-        transactions=len(latencies),
-        txn_ms_p50=percentile(latencies, 50),
-        txn_ms_p99=percentile(latencies, 99),
-        txn_ms_max=max(latencies, default=0.0),
-        scan_ms=scan_s * 1000,
-    )
+    return _batched_result("heap-floor", renamed, len(todo), seconds, latencies, scan_s)
 
 
 def main(argv: list[str] | None = None) -> int:
