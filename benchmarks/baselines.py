@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -38,6 +39,7 @@ __all__ = [
     "BaselineResult",
     "batched",
     "extrapolate",
+    "floor",
     "heap_floor",
     "one_statement",
     "per_row",
@@ -234,51 +236,6 @@ async def per_row(
     return result
 
 
-async def batched(
-    dsn: str,
-    *,
-    table: str = "payments",
-    key: str = "transaction_id",
-    pk: str = "id",
-    concurrency: int = 4,
-    batch_size: int = 1000,
-) -> BaselineResult:
-    """The floor of any batched, audited fix: the per-row script's GROUP BY, then the renames in
-    key order as `batch_size`-row transactions on `concurrency` connections, each one
-    `UPDATE ... FROM unnest(...)` that writes its audit rows in the same statement. No advisory
-    locks, no re-read, no check of the new values: unsafe on a live table, and so the least
-    work an online tool that does those things can hope to do. It shows how much of
-    bulkdedupe's time is the server's own cost of the renames (WAL, full-page images, buffer
-    writes) rather than the tool's."""
-    t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
-    settings = {"application_name": APPLICATION_NAME}
-    conn = await asyncpg.connect(dsn, server_settings=settings)
-    try:
-        audit = await _audit_table(conn)
-        began = time.monotonic()
-        groups = await conn.fetch(
-            f"SELECT {k} AS k, array_agg({p} ORDER BY {p}) AS ids FROM {t} "
-            f"WHERE {k} IS NOT NULL GROUP BY {k} HAVING count(*) > 1 ORDER BY {k}"
-        )
-        scan_s = time.monotonic() - began
-        todo = [(pk_, g["k"]) for g in groups for pk_ in g["ids"][1:]]
-        del groups
-        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        statement = f"""
-            WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[]) AS v(pk, old)),
-            u AS (
-                UPDATE {t} AS t SET {k} = v.old || '-' || v.pk FROM v
-                WHERE t.{p} = v.pk AND t.{k} = v.old
-                RETURNING t.{p} AS pk, v.old, t.{k} AS new
-            )
-            INSERT INTO {audit} (pk, old_value, new_value) SELECT pk, old, new FROM u"""
-        renamed, latencies = await _run_batches(dsn, statement, batches, concurrency)
-        seconds = time.monotonic() - began
-    finally:
-        await conn.close()
-    return _batched_result("batched", renamed, len(todo), seconds, latencies, scan_s)
-
-
 async def _run_batches(
     dsn: str, statement: str, batches: Sequence[Sequence[Any]], concurrency: int
 ) -> tuple[int, list[float]]:
@@ -334,52 +291,76 @@ async def _audit_table(conn: asyncpg.Connection) -> str:
     return audit
 
 
-async def heap_floor(
+# The floors' batch sizes: the key-order floor's is the tool's default maximum; the heap-order
+# floor's about what the tool's sizer settles on (~375 at 20M rows).
+FLOOR_BATCH_SIZE: Final = {"key": 1000, "heap": 400}
+
+
+async def floor(
     dsn: str,
     *,
+    order: str = "key",
     table: str = "payments",
     key: str = "transaction_id",
     pk: str = "id",
     concurrency: int = 4,
-    batch_size: int = 400,
+    batch_size: int | None = None,
 ) -> BaselineResult:
-    """The floor of any heap-order fix (issue 13): what the server itself costs for these
-    renames when a client does the least it can. One query decides (the duplicated values from
-    the key's index, their rows but the lowest id of each, with where they lie, by position),
-    then `batch_size`-row transactions in heap order on `concurrency` connections, each one
-    UPDATE that finds its rows by position (a TID scan: no index descent) and writes its audit
-    rows in the same statement. No advisory locks, no check of survivor or new value, no retry:
-    unsafe on a live table, and the least work bulkdedupe's heap-order sweep can hope to do.
-    Logs "groups decided" (JSON, stderr) when the renames start, so the anatomy splits its
-    phases where it splits the tool's."""
+    """The floor of any batched, audited fix: the renames as `batch_size`-row transactions on
+    `concurrency` connections, each one `UPDATE ... FROM unnest(...)` that writes its audit rows
+    in the same statement. No advisory locks, no re-read, no check of survivor or new value, no
+    retry: unsafe on a live table, and so the least work an online tool that does those things
+    can hope to do. It shows how much of bulkdedupe's time is the server's own cost of the
+    renames (WAL, full-page images, buffer writes) rather than the tool's.
+
+    `order` "key" (method "batched"): the per-row script's GROUP BY, then the renames in key
+    order, rows found by primary key. "heap" (method "heap-floor", issue 13): one query decides
+    (the duplicated values from the key's index, their rows but the lowest id of each, with
+    where they lie), the renames in heap order, rows found by position (a TID scan: no index
+    descent): the least bulkdedupe's heap-order sweep can hope to do. It logs "groups decided"
+    (JSON, stderr) when the renames start, so the anatomy splits its phases where it splits
+    the tool's."""
+    if order not in FLOOR_BATCH_SIZE:
+        raise ValueError(f"order: key or heap, not {order!r}")
     t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
-    settings = {"application_name": APPLICATION_NAME}
-    conn = await asyncpg.connect(dsn, server_settings=settings)
+    size = batch_size or FLOOR_BATCH_SIZE[order]
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
     try:
         audit = await _audit_table(conn)
         began = time.monotonic()
-        # the duplicated values from the key's index alone (a GroupAggregate over an
-        # index-only scan), then their rows, each group's first by id left out
-        todo = await conn.fetch(
-            f"""SELECT d.tid, d.pk, d.k FROM (
-                    SELECT t.ctid AS tid, t.{p} AS pk, t.{k} AS k,
-                           row_number() OVER (PARTITION BY t.{k} ORDER BY t.{p}) AS rn
-                    FROM (SELECT {k} AS k FROM {t} WHERE {k} IS NOT NULL
-                          GROUP BY {k} HAVING count(*) > 1) g
-                    JOIN {t} t ON t.{k} = g.k
-                ) d WHERE d.rn > 1 ORDER BY d.tid"""
-        )
+        todo: Sequence[Any]  # a row of parameters each (tuples, or the heap query's records)
+        if order == "key":
+            groups = await conn.fetch(
+                f"SELECT {k} AS k, array_agg({p} ORDER BY {p}) AS ids FROM {t} "
+                f"WHERE {k} IS NOT NULL GROUP BY {k} HAVING count(*) > 1 ORDER BY {k}"
+            )
+            todo = [(pk_, g["k"]) for g in groups for pk_ in g["ids"][1:]]
+            del groups
+            params, columns = "$1::bigint[], $2::text[]", "pk, old"
+            found = f"t.{p} = v.pk AND t.{k} = v.old"
+        else:
+            # the duplicated values from the key's index alone (a GroupAggregate over an
+            # index-only scan), then their rows, each group's first by id left out
+            todo = await conn.fetch(
+                f"""SELECT d.tid, d.pk, d.k FROM (
+                        SELECT t.ctid AS tid, t.{p} AS pk, t.{k} AS k,
+                               row_number() OVER (PARTITION BY t.{k} ORDER BY t.{p}) AS rn
+                        FROM (SELECT {k} AS k FROM {t} WHERE {k} IS NOT NULL
+                              GROUP BY {k} HAVING count(*) > 1) g
+                        JOIN {t} t ON t.{k} = g.k
+                    ) d WHERE d.rn > 1 ORDER BY d.tid"""
+            )
+            params, columns = "$1::tid[], $2::bigint[], $3::text[]", "tid, pk, old"
+            found = "t.ctid = v.tid"
+            stamp = dt.datetime.now(dt.UTC).isoformat()
+            print(json.dumps({"event": "groups decided", "timestamp": stamp}), file=sys.stderr)
         scan_s = time.monotonic() - began
-        stamp = dt.datetime.now(dt.UTC).isoformat()
-        print(json.dumps({"event": "groups decided", "timestamp": stamp}), file=sys.stderr)
-        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
         statement = f"""
-            WITH v AS (
-                SELECT * FROM unnest($1::tid[], $2::bigint[], $3::text[]) AS v(tid, pk, old)
-            ),
+            WITH v AS (SELECT * FROM unnest({params}) AS v({columns})),
             u AS (
                 UPDATE {t} AS t SET {k} = v.old || '-' || v.pk FROM v
-                WHERE t.ctid = v.tid
+                WHERE {found}
                 RETURNING v.pk, v.old, t.{k} AS new
             )
             INSERT INTO {audit} (pk, old_value, new_value) SELECT pk, old, new FROM u"""
@@ -387,7 +368,13 @@ async def heap_floor(
         seconds = time.monotonic() - began
     finally:
         await conn.close()
-    return _batched_result("heap-floor", renamed, len(todo), seconds, latencies, scan_s)
+    method = "batched" if order == "key" else "heap-floor"
+    return _batched_result(method, renamed, len(todo), seconds, latencies, scan_s)
+
+
+# the two floors under their methods' names
+batched = functools.partial(floor, order="key")
+heap_floor = functools.partial(floor, order="heap")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,15 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.method == "one-statement":
             result = asyncio.run(one_statement(args.dsn, **names, scope=scope))
-        elif args.method == "batched":
-            size = args.batch_size or 1000
+        elif args.method in ("batched", "heap-floor"):
+            order = "key" if args.method == "batched" else "heap"
             result = asyncio.run(
-                batched(args.dsn, **names, concurrency=args.concurrency, batch_size=size)
-            )
-        elif args.method == "heap-floor":
-            size = args.batch_size or 400
-            result = asyncio.run(
-                heap_floor(args.dsn, **names, concurrency=args.concurrency, batch_size=size)
+                floor(
+                    args.dsn,
+                    order=order,
+                    **names,
+                    concurrency=args.concurrency,
+                    batch_size=args.batch_size,
+                )
             )
         else:
             result = asyncio.run(
