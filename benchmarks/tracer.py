@@ -45,7 +45,7 @@ _CLASSES: Final[tuple[tuple[str, Callable[[str], bool]], ...]] = (
     ("decide_losers", lambda q: "OVER w AS survivor" in q),
     ("read_entries", lambda q: "WITH ORDINALITY AS e(pk, g, s, i)" in q),
     ("apply_renames", lambda q: q.startswith("WITH v AS") and "UPDATE" in q),
-    ("scan_page", lambda q: "row_number() OVER" in q and "HAVING count(*) >" in q),
+    ("scan_page", lambda q: "HAVING count(*) > 1 OR" in q),
     ("scan_page_count", lambda q: q.startswith("SELECT count(*) FROM (") and "LIMIT $3" in q),
     ("count_key", lambda q: q.startswith("SELECT count(*) FROM") and q.endswith("= $1")),
     ("read_groups", lambda q: "= ANY($1::" in q and "ORDER BY" in q),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import gc
 import io
 import json
 import os
@@ -423,8 +424,22 @@ def make_connect(kw: dict[str, Any], *, need_url: bool = True) -> ConnectConfig:
     )
 
 
+# The cyclic garbage collector's thresholds while a command runs. At the defaults (700, 10,
+# 10) a heap-order run collects every 700 new objects and, with hundreds of thousands of
+# decided renames alive at once, walks them all again and again: a quarter of the tool's CPU
+# (1.6 of 7 s at 5M rows, timed by gc.callbacks). Collecting the young every 50,000 keeps the
+# same peak memory (cycles are still found, young ones at once) and, measured at 5M rows on
+# 2 cores, took the tool's CPU from 7.1-7.3 s to 4.5-4.8 s and the run from 20 s to 16-17 s.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
 def run_async(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return anyio.run(fn, backend="asyncio")
+    before = gc.get_threshold()
+    gc.set_threshold(*GC_THRESHOLDS)
+    try:
+        return anyio.run(fn, backend="asyncio")
+    finally:
+        gc.set_threshold(*before)  # the CLI may run inside another program (tests do)
 
 
 def handle_errors(f: Callable[..., int]) -> Callable[..., None]:

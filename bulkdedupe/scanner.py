@@ -105,6 +105,31 @@ async def plan_ranges(conn: Conn, target: Target, scanners: int) -> list[KeyRang
     return [KeyRange(i, edges[i], edges[i + 1]) for i in range(len(edges) - 1)]
 
 
+def _page(rows: list[Any], size: int) -> tuple[list[Group], str | None, int, int]:
+    """A scan_page's answer: its duplicate groups but the last key's (counted whole when the
+    page is full), the last key, that key's entries in the page, the page's entries."""
+    *dups, (_, entries, last) = rows
+    groups, in_page = [], 1
+    for k, n, _ in dups:
+        if entries == size and k == last:
+            in_page = n
+        else:
+            groups.append(Group(k, n))
+    return groups, last, in_page, entries
+
+
+def _scoped_page(rows: list[Any], size: int) -> tuple[list[Group], str | None, int, int | None]:
+    """The same of a scoped scan page (row_number() over its entries: `rn` = $3 marks the
+    group of the page's last entry); how many entries a short page read, it does not say."""
+    groups, last, in_page = [], None, 1
+    for k, n, rn in rows:
+        if rn == size:
+            last, in_page = k, n
+        else:
+            groups.append(Group(k, n))
+    return groups, last, in_page, size if last is not None else None
+
+
 async def scan_range(
     pool: asyncpg.Pool,
     q: sql.TargetSql,
@@ -147,21 +172,22 @@ async def scan_range(
             await retry.wait(failures, retry.PAGE, jitter=False)
             continue
         failures = 0
-        groups = [Group(r["k"], r["n"]) for r in rows if r["rn"] != size]
-        last: str | None = None
-        full = len(rows) > 0 and any(r["rn"] == size for r in rows)
-        if full:
+        if q.scoped:
+            groups, last, in_page, entries = _scoped_page(rows, size)
+        else:
+            groups, last, in_page, entries = _page(rows, size)
+        full = entries == size and last is not None
+        if entries == size and last is not None:
             # the page ended in this key's run of entries: count it whole (an index probe)
-            last_row = next(r for r in rows if r["rn"] == size)
-            last = last_row["k"]
             n = await pool.fetchval(q.count_key, last)
             if n > 1:
                 groups.append(Group(last, n))
-            read = size + n - last_row["n"]  # the rest of the last key's entries, skipped next
+            read = size + n - in_page  # the rest of the last key's entries, skipped next
         else:
-            read = await pool.fetchval(
-                q.scan_page_count(lower, rng.hi is not None), bound, rng.hi, size
-            )
+            last = None
+            if entries is None:
+                entries = await pool.fetchval(q.scan_page_count(lower), bound, rng.hi, size)
+            read = entries
         seconds = anyio.current_time() - started
         yield Page(rng.index, groups, last, read, seconds)
         if not full or last is None:

@@ -280,10 +280,15 @@ class ExternalSort(Generic[T]):
         record_items: int = 500,
         directory: str | None = None,
         key: Callable[[T], Any] | None = None,
+        rebuild: Callable[[tuple[Any, ...]], T] | None = None,
     ) -> None:
         self.run_items = run_items
         # what to sort by (as list.sort's key): an int compares faster than a tuple's fields
         self.key = key
+        # items that are tuples (NamedTuples): written as plain tuples and rebuilt from them on
+        # reading, so neither pickle calls a Python-level method per item (a NamedTuple's
+        # __getnewargs__, its __new__): pickling stays in C
+        self.rebuild = rebuild
         self.record_items = record_items
         self.directory = directory
         self._buffer: list[T] = []
@@ -303,12 +308,25 @@ class ExternalSort(Generic[T]):
         if len(self._buffer) >= self.run_items:
             self._spill()
 
+    def add_many(self, items: list[T]) -> None:
+        """`add` each of them (a run may hold up to len(items) - 1 more than run_items)."""
+        if self._merged is not None:
+            raise RuntimeError("items cannot be added once taking has started")
+        self._buffer.extend(items)
+        self.count += len(items)
+        if len(self._buffer) >= self.run_items:
+            self._spill()
+
     def _spill(self) -> None:
         self._buffer.sort(key=self.key)
         # closed by close(); lives until the sweep has taken every item
         fh = tempfile.TemporaryFile(prefix="bulkdedupe-sort-", dir=self.directory)  # noqa: SIM115
+        plain = self.rebuild is not None
         for i in range(0, len(self._buffer), self.record_items):
-            data = pickle.dumps(self._buffer[i : i + self.record_items], pickle.HIGHEST_PROTOCOL)
+            record: list[Any] = self._buffer[i : i + self.record_items]
+            if plain:
+                record = list(map(tuple, record))
+            data = pickle.dumps(record, pickle.HIGHEST_PROTOCOL)
             fh.write(_LEN.pack(len(data)) + data)
             self.disk_bytes += _LEN.size + len(data)
         fh.flush()
@@ -323,9 +341,12 @@ class ExternalSort(Generic[T]):
             if not head:
                 return
             (n,) = _LEN.unpack(head)
-            records: list[T] = pickle.loads(fh.read(n))  # noqa: S301 - our own file
+            records: list[Any] = pickle.loads(fh.read(n))  # noqa: S301 - our own file
             pos += _LEN.size + n
-            yield from records
+            if self.rebuild is not None:
+                yield from map(self.rebuild, records)
+            else:
+                yield from records
 
     def _start(self) -> Iterator[T]:
         if not self._runs:

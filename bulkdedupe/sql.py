@@ -778,30 +778,36 @@ ORDER BY {order_p}"""
     def scan_page(self, lower: LowerBound, upper: bool) -> str:
         """One keyset page over the key index: the first $3 index entries after the cursor,
         grouped as they stream out of the index (no sort, no materialization). Returns the
-        duplicate groups, plus the group holding entry number $3 (`rn` = $3): the page ended
-        inside or after it, so its count may be cut short and is re-counted by `count_key`.
-        $1 = lower bound / cursor, $2 = upper bound (exclusive).
+        duplicate groups (`k`, `n`), then one last row for the page as a whole (the ROLLUP's
+        grand total, `k` NULL): `n` the entries read, `last` the last key. When `n` = $3 the
+        page ended inside or after the last key's run of entries, so that key's count may be
+        cut short and is re-counted by `count_key`. $1 = lower bound / cursor, $2 = upper
+        bound (exclusive).
+
+        Not a row_number() window over the entries to find the page's last one: that doubled
+        the scan's server time (20M rows in one statement: 21.0 s against 11.2 s; the GROUP BY
+        alone, 10.7 s), and the total row also counts a range's short last page, which then
+        needs no second query.
 
         Groups come out in key order, which the producer's checkpoints rely on: said by the
-        outer ORDER BY, which the GroupAggregate's own order satisfies without a sort (a hash
-        aggregate, free to reorder without it, would checkpoint past unfinished groups)."""
+        outer ORDER BY, a sort of the page's duplicate groups only (the aggregate's input is the
+        index's order; a hash aggregate, free to reorder, would checkpoint past unfinished
+        groups without it)."""
         if self.scoped:
             return self._scoped_scan_page(lower)
         return f"""
-SELECT p.k, count(*) AS n, max(p.rn) AS rn FROM (
-    SELECT {self.k} AS k, row_number() OVER (ORDER BY {self.k}) AS rn
-    FROM {self.table} WHERE {self._page_where(lower, upper)} ORDER BY {self.k} LIMIT $3
+SELECT p.k, count(*) AS n, max(p.k) AS last FROM (
+    SELECT {self.k} AS k FROM {self.table} WHERE {self._page_where(lower, upper)}
+    ORDER BY {self.k} LIMIT $3
 ) p
-GROUP BY p.k HAVING count(*) > 1 OR max(p.rn) = $3
-ORDER BY p.k"""
+GROUP BY ROLLUP (p.k) HAVING count(*) > 1 OR GROUPING(p.k) = 1
+ORDER BY GROUPING(p.k), p.k"""
 
-    def scan_page_count(self, lower: LowerBound, upper: bool) -> str:
-        """Entries in the last, short page of a range (for progress; at most $3 read)."""
-        if self.scoped:
-            return f"""SELECT count(*) FROM (
-    SELECT 1 FROM {self.table} t WHERE {self._scoped_where(lower)} LIMIT $3) p"""
+    def scan_page_count(self, lower: LowerBound) -> str:
+        """With --scope: the entries in the last, short page (for progress; at most $3 read).
+        (The unscoped scan_page counts its own.)"""
         return f"""SELECT count(*) FROM (
-    SELECT 1 FROM {self.table} WHERE {self._page_where(lower, upper)} LIMIT $3) p"""
+    SELECT 1 FROM {self.table} t WHERE {self._scoped_where(lower)} LIMIT $3) p"""
 
     def _page_where(self, lower: LowerBound, upper: bool) -> str:
         conds = [f"{self.k} IS NOT NULL"]

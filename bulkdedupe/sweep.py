@@ -14,8 +14,9 @@ How, in three steps:
    that keeps the value), added to an external sort on disk: flat memory at any size.
 2. `Sweep.rename`: the sorted entries are cut into chunks of the sizer's batch size, each one
    transaction (`Worker.rename_entries`: the giant groups' chunk transaction) that takes its
-   groups' advisory locks in hash order, re-reads its rows by primary key, and renames those
-   still in their group whose survivor still holds the value, with the audit rows.
+   groups' advisory locks in hash order and renames, in one UPDATE with the audit rows, the
+   rows still in their group whose survivor still holds the value (each row and its survivor
+   found by heap position where the table is not partitioned, by primary key where it is).
 3. Groups whose survivor the application deleted or re-keyed in between, and the giant groups
    (rows the application added to them meanwhile), are decided again, under their locks, by
    ordinary key-order batches (`Sweep.redo`, `Sweep.giants`). Rows it added to other groups are
@@ -27,6 +28,7 @@ again (renamed groups are no longer duplicates; a group half done keeps its surv
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 import anyio
@@ -34,7 +36,7 @@ import structlog
 
 from .spool import ExternalSort
 from .throttle import Stopping
-from .worker import Entry, Worker
+from .worker import Entry, Worker, new_entry
 
 log = structlog.get_logger(__name__)
 
@@ -44,19 +46,13 @@ log = structlog.get_logger(__name__)
 SORT_RUN_ITEMS = 200_000
 
 
-def heap_position(e: Entry) -> int:
-    """Where the entry's row lies as one int (partition oid, block, line pointer: 32, 32 and 16
-    bits), the sort's key: ints compare several times faster than tuples' fields (0.6 s for
-    each run of 200k, a tenth of the tool's CPU at 5M rows, was the tuples' sort)."""
-    return (e.rel << 48) | (e.block << 16) | e.offset
-
-
 class Sweep:
     """The decided renames, sorted on disk, and what the chunks leave for later."""
 
     def __init__(self, *, directory: str | None = None) -> None:
+        # sorted by Entry.position, its first field (itemgetter: no Python call per entry)
         self.entries: ExternalSort[Entry] = ExternalSort(
-            directory=directory, run_items=SORT_RUN_ITEMS, key=heap_position
+            directory=directory, run_items=SORT_RUN_ITEMS, key=itemgetter(0), rebuild=new_entry
         )
         self.redo: set[str] = set()  # groups to decide again (their survivor changed)
         # giant groups (a junk value the application may go on inserting): decided again too
@@ -64,13 +60,13 @@ class Sweep:
         self.gone = 0  # rows the application deleted or moved out of their group meanwhile
         self.unplaceable: dict[str, list[str]] = {}  # group -> pks no new value fits
         self.taken = 0
-        self._last: tuple[int, int, int] | None = None
+        self._last: int | None = None  # the position of the last entry taken
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, entry: Entry) -> None:
-        self.entries.add(entry)
+    def add(self, entries: list[Entry]) -> None:
+        self.entries.add_many(entries)
 
     def take(self, n: int) -> list[Entry]:
         """The next `n` entries in heap order (a row decided twice is taken once)."""
@@ -80,10 +76,9 @@ class Sweep:
             if not batch:
                 break
             for e in batch:
-                where = (e.rel, e.block, e.offset)
-                if where != self._last:
+                if e.position != self._last:
                     out.append(e)
-                    self._last = where
+                    self._last = e.position
         self.taken += len(out)
         return out
 

@@ -4,6 +4,7 @@ connections tagged application_name=bulkdedupe."""
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ import structlog
 from click.testing import CliRunner
 
 from bulkdedupe import __version__
-from bulkdedupe.cli import main
+from bulkdedupe.cli import GC_THRESHOLDS, main, run_async
 from tests.helpers import REPO_ROOT, create_payments, fetch, fetch_keys, run_cli, table_checksum
 
 pytestmark = pytest.mark.anyio
@@ -401,3 +402,23 @@ async def test_dry_run_writes_nothing_anywhere(dsn: str) -> None:
     assert await table_checksum(dsn) == before
     schemas = await fetch(dsn, "SELECT 1 FROM pg_namespace WHERE nspname = 'bulkdedupe'")
     assert schemas == []
+
+
+def test_commands_run_with_the_tools_collector_thresholds_then_restore_them() -> None:
+    """A command runs with GC_THRESHOLDS (the default ones cost a heap-order run a quarter of
+    its CPU), and whoever called the CLI gets its own thresholds back, after an error too."""
+    before = gc.get_threshold()
+    assert before != GC_THRESHOLDS  # else this test could not tell
+
+    async def seen() -> tuple[int, ...]:
+        return gc.get_threshold()
+
+    assert run_async(seen) == GC_THRESHOLDS
+    assert gc.get_threshold() == before
+
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run_async(fails)
+    assert gc.get_threshold() == before

@@ -52,17 +52,19 @@ def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _assert_uses_index(plan_json: str, index: str, what: str) -> None:
-    nodes = list(_nodes(json.loads(plan_json)[0]["Plan"]))
+    root = json.loads(plan_json)[0]["Plan"]
+    # The page's ORDER BY (the order the checkpoint relies on) sorts at most the groups that
+    # come out of a sorted aggregate (the page's duplicate groups and its total row), never
+    # the page's entries: the aggregate reads them in the index's order.
+    aggregate = root["Plans"][0] if root["Node Type"] == "Sort" else root
+    assert (aggregate["Node Type"], aggregate.get("Strategy")) == ("Aggregate", "Sorted"), (
+        f"{what}: the groups do not come from a GroupAggregate in\n{plan_json}"
+    )
+    nodes = list(_nodes(aggregate))
     kinds = [n["Node Type"] for n in nodes]
     assert "Seq Scan" not in kinds, f"{what}: sequential scan in\n{plan_json}"
     assert "Sort" not in kinds, f"{what}: the page is sorted instead of read in index order"
     assert "Incremental Sort" not in kinds, f"{what}: sorted in\n{plan_json}"
-    # The page's ORDER BY (the order the checkpoint relies on) costs nothing: it is the order
-    # the groups stream out of a sorted aggregate, the plan's root, not a Sort above it.
-    root = nodes[0]
-    assert (root["Node Type"], root.get("Strategy")) == ("Aggregate", "Sorted"), (
-        f"{what}: the groups do not come from a GroupAggregate in\n{plan_json}"
-    )
     used = {
         n.get("Index Name") for n in nodes if n["Node Type"] in ("Index Only Scan", "Index Scan")
     }
@@ -118,7 +120,8 @@ async def test_keyset_scan_page_uses_the_key_index(dsn: str) -> None:
 def test_scan_page_states_its_key_order() -> None:
     # The producer checkpoints a page's groups in the order they come, so the page must say
     # that order in SQL: a GroupAggregate keeps it today, a hash aggregate would not (the
-    # EXPLAIN test above shows that the ORDER BY costs no sort).
+    # EXPLAIN test above shows that the ORDER BY sorts only the groups, never the entries).
+    # The total row (the ROLLUP's, GROUPING 1) comes last.
     q = TargetSql(
         table="payments",
         key="k",
@@ -132,7 +135,10 @@ def test_scan_page_states_its_key_order() -> None:
     for lower in lowers:
         for upper in (False, True):
             outer = " ".join(q.scan_page(lower, upper).rsplit(") p", 1)[1].split())
-            assert outer == "GROUP BY p.k HAVING count(*) > 1 OR max(p.rn) = $3 ORDER BY p.k"
+            assert outer == (
+                "GROUP BY ROLLUP (p.k) HAVING count(*) > 1 OR GROUPING(p.k) = 1 "
+                "ORDER BY GROUPING(p.k), p.k"
+            )
 
 
 async def test_scan_pages_come_in_key_order_with_their_groups_whole(dsn: str) -> None:
@@ -153,13 +159,20 @@ async def test_scan_pages_come_in_key_order_with_their_groups_whole(dsn: str) ->
         "SELECT coalesce(array_agg(DISTINCT transaction_id ORDER BY transaction_id), '{}') "
         "FROM payments WHERE transaction_id = ANY($1)"
     )
-    seen: list[str] = []
-    async with pool(_cfg(dsn), size=2) as p:
-        async for page in scan_range(p, q, KeyRange(0, None, None), page_size=37):
-            keys = [g.key for g in page.groups]
-            assert keys == await p.fetchval(in_key_order, keys)
-            seen += keys
-    assert Counter(seen) == Counter(truth.keys())
+    entries = sum(n for k, n in layout.items() if k is not None)
+    # 37: pages ending anywhere; `entries`: one page exactly full, then an empty one
+    for page_size in (37, entries):
+        seen: list[str] = []
+        read = 0
+        async with pool(_cfg(dsn), size=2) as p:
+            async for page in scan_range(p, q, KeyRange(0, None, None), page_size=page_size):
+                keys = [g.key for g in page.groups]
+                assert keys == await p.fetchval(in_key_order, keys)
+                seen += keys
+                read += page.rows_read
+        assert Counter(seen) == Counter(truth.keys()), page_size
+        # every non-NULL entry counted once (the progress bar's figure), the cut groups too
+        assert read == entries, page_size
 
 
 # --- every group once, however the scan is split --------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operator import itemgetter
 from pathlib import Path
 
 import anyio
@@ -13,8 +14,7 @@ from hypothesis import strategies as st
 from bulkdedupe import spool as spool_module
 from bulkdedupe.errors import BulkDedupeError
 from bulkdedupe.spool import DiskList, ExternalSort, Spool
-from bulkdedupe.sweep import heap_position
-from bulkdedupe.worker import Entry
+from bulkdedupe.worker import Entry, heap_position, new_entry
 
 pytestmark = pytest.mark.anyio
 
@@ -182,16 +182,26 @@ def test_external_sort_takes_every_item_once_in_sorted_order(
 def test_heap_position_key_sorts_entries_as_their_places(
     places: list[tuple[int, int, int]], run_items: int
 ) -> None:
-    """The sweep's sort key (one int) orders entries exactly as (partition, block, offset)
-    would, over the whole range of each, in memory and across spilled runs."""
-    s: ExternalSort[Entry] = ExternalSort(run_items=run_items, record_items=3, key=heap_position)
+    """The sweep's sort (entries by their position, one int, spilled as plain tuples and
+    rebuilt as entries) orders them exactly as (partition, block, offset) would, over the whole
+    range of each, in memory and across spilled runs, every field coming back as it went in."""
+    s: ExternalSort[Entry] = ExternalSort(
+        run_items=run_items, record_items=3, key=itemgetter(0), rebuild=new_entry
+    )
+    added = []
     for i, (rel, block, offset) in enumerate(places):
-        s.add(Entry(rel, block, offset, i, "g", 0, "v", (0, 1)))
+        e = Entry(heap_position(rel, block, offset), i, f"g{i}", -i, f"v{i}", (i, 1))
+        added.append(e)
+    s.add_many(added[: len(added) // 2])
+    for e in added[len(added) // 2 :]:
+        s.add(e)
     out: list[Entry] = []
     while chunk := s.take(7):
         out.extend(chunk)
     s.close()
-    assert [(e.rel, e.block, e.offset) for e in out] == sorted(places)
+    assert [(e.position >> 48, *e.at) for e in out] == sorted(places)
+    assert all(type(e) is Entry for e in out)
+    assert sorted(out, key=lambda e: e.pk) == added
 
 
 def test_external_sort_keeps_at_most_one_run_in_memory(tmp_path: Path) -> None:
