@@ -77,6 +77,9 @@ class KeyRange:
 
 @dataclass(frozen=True, slots=True)
 class Page:
+    """One page's duplicate groups; `last_key`: every key up to it has been read (the
+    checkpoint a finished page allows; None: no further than before)."""
+
     range_index: int
     groups: list[Group]
     last_key: str | None
@@ -106,8 +109,9 @@ async def plan_ranges(conn: Conn, target: Target, scanners: int) -> list[KeyRang
 
 
 def _page(rows: list[Any], size: int) -> tuple[list[Group], str | None, int, int]:
-    """A scan_page's answer: its duplicate groups but the last key's (counted whole when the
-    page is full), the last key, that key's entries in the page, the page's entries."""
+    """A scan_page's answer: its duplicate groups but the last key's when the page is full
+    (that key's run may go on past it), the last key, that key's entries in the page, the
+    page's entries."""
     *dups, (_, entries, last) = rows
     groups, in_page = [], 1
     for k, n, _ in dups:
@@ -138,14 +142,23 @@ async def scan_range(
     page_size: int,
 ) -> AsyncIterator[Page]:
     """Yield the pages of one key range in key order. A page that hits statement_timeout is
-    split (half the size) and retried; connection errors are retried a few times."""
-    cursor = rng.cursor
+    split (half the size) and retried; connection errors are retried a few times.
+
+    A full page usually ends inside its last key's run of entries: that key is left to the
+    next page, which starts at it (inclusive) and so reads it whole, instead of a second
+    query counting it (one round trip a page, a thousand at 20M rows). Only a page that holds
+    nothing but that one key (a group larger than a page) has it counted by `count_key` and
+    skips past it."""
+    cursor = rng.cursor  # keys <= cursor are read
+    restart: str | None = None  # the next page starts at this key (inclusive)
     size = page_size
     failures = 0
     while True:
-        if cursor is not None:
-            lower: sql.LowerBound = "exclusive"
-            bound: str | None = cursor
+        if restart is not None:
+            lower: sql.LowerBound = "inclusive"
+            bound: str | None = restart
+        elif cursor is not None:
+            lower, bound = "exclusive", cursor
         elif rng.lo is not None:
             lower, bound = "inclusive", rng.lo
         else:
@@ -177,19 +190,24 @@ async def scan_range(
         else:
             groups, last, in_page, entries = _page(rows, size)
         full = entries == size and last is not None
-        if entries == size and last is not None:
+        done: str | None  # the checkpoint: every key up to it read and in `groups`
+        if full and not q.scoped and in_page < size:
+            # the last key's run may go on past the page: read it whole in the next one
+            restart = last
+            done = groups[-1].key if groups else None
+            read = size - in_page
+        elif full and last is not None:
             # the page ended in this key's run of entries: count it whole (an index probe)
             n = await pool.fetchval(q.count_key, last)
             if n > 1:
                 groups.append(Group(last, n))
             read = size + n - in_page  # the rest of the last key's entries, skipped next
+            cursor, restart, done = last, None, last
         else:
-            last = None
             if entries is None:
                 entries = await pool.fetchval(q.scan_page_count(lower), bound, rng.hi, size)
-            read = entries
+            read, done = entries, None
         seconds = anyio.current_time() - started
-        yield Page(rng.index, groups, last, read, seconds)
-        if not full or last is None:
+        yield Page(rng.index, groups, done, read, seconds)
+        if not full:
             return
-        cursor = last

@@ -12,6 +12,7 @@ from functools import cached_property
 from typing import ClassVar, Literal
 
 from .config import OrderItem
+from .literals import LITERAL_PK_TYPES
 
 
 def quote_ident(name: str) -> str:
@@ -719,6 +720,14 @@ class TargetSql:
         """The element type of a parameter array of primary keys."""
         return "text" if self.composite else self.pk_types[0]
 
+    @cached_property
+    def literal_pk(self) -> bool:
+        """Primary keys go to the chunk statements as one text literal an array (literals.py)."""
+        return self.composite or self.pk_param in LITERAL_PK_TYPES
+
+    def _pk_array(self, n: int) -> str:
+        return f"${n}::text::{self.pk_param}[]" if self.literal_pk else f"${n}::{self.pk_param}[]"
+
     def pk_of(self, alias: str) -> str:
         """Row `alias`'s primary key as the tool carries it (see the class docstring)."""
         if not self.composite:
@@ -781,8 +790,8 @@ ORDER BY {order_p}"""
         duplicate groups (`k`, `n`), then one last row for the page as a whole (the ROLLUP's
         grand total, `k` NULL): `n` the entries read, `last` the last key. When `n` = $3 the
         page ended inside or after the last key's run of entries, so that key's count may be
-        cut short and is re-counted by `count_key`. $1 = lower bound / cursor, $2 = upper
-        bound (exclusive).
+        cut short: the next page starts at it ($1 inclusive), or, when the page held nothing
+        else, `count_key` counts it. $1 = lower bound / cursor, $2 = upper bound (exclusive).
 
         Not a row_number() window over the entries to find the page's last one: that doubled
         the scan's server time (20M rows in one statement: 21.0 s against 11.2 s; the GROUP BY
@@ -957,13 +966,22 @@ JOIN {self.table} t ON {self.pk_is("t", "e.pk")} AND {same_t}"""
         matter. Whether a value is free is the UPDATE's own check (apply_renames), with a
         snapshot taken after these locks."""
         if self.scoped:
-            candidates = f"unnest($3::{self.key_type}[], $4::text[]) WITH ORDINALITY AS c(v, g, i)"
+            candidates = (
+                f"unnest($3::text::{self.key_type}[], $4::text::text[])"
+                " WITH ORDINALITY AS c(v, g, i)"
+            )
         else:
-            candidates = f"unnest($3::{self.key_type}[]) WITH ORDINALITY AS c(v, i)"
-        shared = self.lock_keys_shared.strip().replace(
-            "SELECT pg_advisory_xact_lock_shared(h) FROM",
-            "SELECT count(pg_advisory_xact_lock_shared(h)) AS n FROM",
-            1,
+            candidates = f"unnest($3::text::{self.key_type}[]) WITH ORDINALITY AS c(v, i)"
+        shared = (
+            self.lock_keys_shared.strip()
+            .replace(
+                f"unnest($1::{self.group_param}[])", f"unnest($1::text::{self.group_param}[])", 1
+            )
+            .replace(
+                "SELECT pg_advisory_xact_lock_shared(h) FROM",
+                "SELECT count(pg_advisory_xact_lock_shared(h)) AS n FROM",
+                1,
+            )
         )
         return f"""
 WITH held AS MATERIALIZED (
@@ -1057,11 +1075,11 @@ SELECT $4, u.pk::text, u.old_text, u.new::text FROM u"""
         --scope, the groups. Only the arrays it needs, and one row back: `left_alone`, the
         places (1-based) of the renames it did not make, NULL when it made them all (a million
         renames at 20M rows: no row per rename to send and decode)."""
-        grp, grp_name = (", $8::text[]", ", grp") if self.scoped else ("", "")
+        grp, grp_name = (", $8::text::text[]", ", grp") if self.scoped else ("", "")
         return f"""
 WITH v AS (
-    SELECT * FROM unnest($1::tid[], $2::{self.pk_param}[], $3::{self.key_type}[],
-                         $4::{self.key_type}[], $5::tid[], $6::{self.pk_param}[]{grp})
+    SELECT * FROM unnest($1::text::tid[], {self._pk_array(2)}, $3::text::{self.key_type}[],
+                         $4::text::{self.key_type}[], $5::text::tid[], {self._pk_array(6)}{grp})
         WITH ORDINALITY AS v(tid, pk, old, new, stid, survivor{grp_name}, i)
 ), u AS (
     UPDATE {self.table} t SET {self.k} = v.new FROM v

@@ -29,6 +29,7 @@ from .errors import (
     classify,
     from_driver,
 )
+from .literals import text_array, tid_array, value_array
 from .planner import GroupPlan, Row, candidates, equality_key, pk_label, plan_groups
 from .progress import Stats
 from .scanner import Group
@@ -678,16 +679,19 @@ class Worker:
         # the columns, transposed in C: a million renames at 20M rows
         pks, olds, news, survivors, groups, ats, survivor_ats = zip(*renames, strict=True)
         if self.q.by_position and None not in ats and None not in survivor_ats:
+            # each array one text literal (literals.py: asyncpg's array encoding was a quarter
+            # of the tool's CPU while renaming)
+            pk_array = value_array if self.q.literal_pk else list
             left_alone = await conn.fetchval(
                 self.q.apply_renames_at,
-                ats,
-                pks,
-                olds,
-                news,
-                survivor_ats,
-                survivors,
+                tid_array(ats),
+                pk_array(pks),
+                text_array(olds),
+                text_array(news),
+                tid_array(survivor_ats),
+                pk_array(survivors),
                 self.run_id,
-                *((groups,) if self.q.scoped else ()),
+                *((text_array(groups),) if self.q.scoped else ()),
             )
             return set(left_alone or ())
         rows = await conn.fetch(self.q.apply_renames_returning, *self._rename_args(renames))
@@ -808,12 +812,12 @@ class Worker:
                 # decided again under lock. (A char(n) key is re-read: its padding may differ
                 # from the decision's, and the audit keeps the exact bytes.)
                 renames, unplaceable = self._first_candidates(entries)
-                scoped = ([r.group for r in renames],) if self.q.scoped else ()
+                scoped = (text_array([r.group for r in renames]),) if self.q.scoped else ()
                 refused = await conn.fetchval(
                     self.q.lock_chunk,
-                    keys,
+                    text_array(keys),
                     self.target.lock_prefix,
-                    [r.new for r in renames],
+                    text_array([r.new for r in renames]),
                     *scoped,
                 )
                 if refused:  # another session asks for that value now

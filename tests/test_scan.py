@@ -9,7 +9,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import asyncpg
@@ -141,10 +141,27 @@ def test_scan_page_states_its_key_order() -> None:
             )
 
 
+class _CountingProbes:
+    """The pool scan_range reads through, counting the `count_key` probes it sends (every
+    query still goes to the server as it is)."""
+
+    def __init__(self, pool: asyncpg.Pool, probe: str) -> None:
+        self.pool, self.probe, self.probes = pool, probe, 0
+
+    async def fetch(self, query: str, *args: object) -> list[asyncpg.Record]:
+        return await self.pool.fetch(query, *args)
+
+    async def fetchval(self, query: str, *args: object) -> object:
+        self.probes += query == self.probe
+        return await self.pool.fetchval(query, *args)
+
+
 async def test_scan_pages_come_in_key_order_with_their_groups_whole(dsn: str) -> None:
     # Every page's groups in the column's own order (as PostgreSQL sorts, not Python), each group
-    # once and whole across page boundaries: what the ORDER BY must not change.
-    layout = _random_layout(seed=3, keys=400, singles=300, nulls=20)
+    # once and whole across page boundaries: what the ORDER BY must not change. A page that
+    # ends inside a key's run leaves that key to the next page (no second query), except when
+    # the page holds nothing else: "big" (100 rows) is longer than a 37-entry page.
+    layout = _random_layout(seed=3, keys=400, singles=300, nulls=20) | {"big": 100}
     collation = await _linguistic_collation(dsn)
     key_type = f'varchar(64) COLLATE "{collation}"' if collation else "varchar(64)"
     await create_payments(dsn, rows=shuffled(layout, seed=3), key_type=key_type)
@@ -159,20 +176,37 @@ async def test_scan_pages_come_in_key_order_with_their_groups_whole(dsn: str) ->
         "SELECT coalesce(array_agg(DISTINCT transaction_id ORDER BY transaction_id), '{}') "
         "FROM payments WHERE transaction_id = ANY($1)"
     )
+    groups_up_to = (
+        "SELECT coalesce(array_agg(transaction_id), '{}') FROM (SELECT transaction_id "
+        "FROM payments WHERE transaction_id <= $1 GROUP BY 1 HAVING count(*) > 1) g"
+    )
     entries = sum(n for k, n in layout.items() if k is not None)
-    # 37: pages ending anywhere; `entries`: one page exactly full, then an empty one
-    for page_size in (37, entries):
+    # 37: pages ending anywhere, "big" counted by one probe; `entries`: one page exactly
+    # full, then a short one that reads its last key again, whole
+    for page_size, probes in ((37, 1), (entries, 0)):
         seen: list[str] = []
-        read = 0
+        read = pages = 0
         async with pool(_cfg(dsn), size=2) as p:
-            async for page in scan_range(p, q, KeyRange(0, None, None), page_size=page_size):
+            counting = _CountingProbes(p, q.count_key)
+            async for page in scan_range(
+                cast(asyncpg.Pool, counting), q, KeyRange(0, None, None), page_size=page_size
+            ):
                 keys = [g.key for g in page.groups]
                 assert keys == await p.fetchval(in_key_order, keys)
                 seen += keys
                 read += page.rows_read
+                pages += 1
+                if page.last_key is not None:  # the checkpoint: no group at or before it left
+                    assert set(await p.fetchval(groups_up_to, page.last_key)) <= set(seen)
         assert Counter(seen) == Counter(truth.keys()), page_size
         # every non-NULL entry counted once (the progress bar's figure), the cut groups too
         assert read == entries, page_size
+        assert counting.probes == probes, page_size
+        # each page moves on by its entries but its last key's (at most 6, re-read next)
+        if page_size == entries:
+            assert pages == 2
+        else:
+            assert entries / page_size < pages <= entries / (page_size - 6) + 2
 
 
 # --- every group once, however the scan is split --------------------------------------------------
