@@ -8,8 +8,7 @@ while the visibility map is still intact; the spool is what lets it run ahead.
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import bisect
 import pickle
 import shutil
 import struct
@@ -268,8 +267,8 @@ class DiskList(Generic[T]):
 class ExternalSort(Generic[T]):
     """Items added in any order, then taken in sorted order, a few at a time, in flat memory:
     every `run_items` added are sorted and written to a temporary file of their own (a run),
-    and taking merges the runs (heapq.merge: one record of each run in memory at a time). The
-    renames of a heap-order sweep: a million at 20M rows, ~25M at 500M."""
+    and taking merges the runs a block at a time (`_merge`: one record of each run in memory at
+    a time). The renames of a heap-order sweep: a million at 20M rows, ~25M at 500M."""
 
     def __init__(
         self,
@@ -293,7 +292,9 @@ class ExternalSort(Generic[T]):
         self.directory = directory
         self._buffer: list[T] = []
         self._runs: list[IO[bytes]] = []
-        self._merged: Iterator[T] | None = None
+        self._merged: Iterator[list[T]] | None = None
+        self._block: list[T] = []  # what the merge gave and `take` has not yet handed out
+        self._at = 0  # where in it the next take starts
         self.count = 0
         self.disk_bytes = 0
 
@@ -333,7 +334,8 @@ class ExternalSort(Generic[T]):
         self._runs.append(fh)
         self._buffer = []
 
-    def _read(self, fh: IO[bytes]) -> Iterator[T]:
+    def _read(self, fh: IO[bytes]) -> Iterator[list[T]]:
+        """A run's records (lists of items, sorted), one at a time."""
         pos = 0
         while True:
             fh.seek(pos)  # runs share nothing, but each read seeks: merge interleaves them
@@ -343,30 +345,70 @@ class ExternalSort(Generic[T]):
             (n,) = _LEN.unpack(head)
             records: list[Any] = pickle.loads(fh.read(n))  # noqa: S301 - our own file
             pos += _LEN.size + n
-            if self.rebuild is not None:
-                yield from map(self.rebuild, records)
-            else:
-                yield from records
+            if records:
+                yield records if self.rebuild is None else list(map(self.rebuild, records))
 
-    def _start(self) -> Iterator[T]:
+    def _merge(self, runs: list[Iterator[list[T]]]) -> Iterator[list[T]]:
+        """The runs merged, a block of items at a time, in sorted order. Each step takes from
+        every run's current record the items up to the smallest of those records' last items
+        (none of the records still to come can hold a smaller one), and sorts them in one C
+        call: at least one whole record a step, and no Python-level comparison per item
+        (heapq.merge made one, and was a tenth of the tool's CPU at 20M rows). Items that
+        compare equal keep the order of their runs (list.sort is stable)."""
+        key = self.key
+        heads: list[tuple[list[T], Iterator[list[T]]]] = []  # (what is left of a record, run)
+        for run in runs:
+            if (first := next(run, None)) is not None:
+                heads.append((first, run))
+        while len(heads) > 1:
+            bound = min(
+                (key(r[-1]) for r, _ in heads) if key is not None else (r[-1] for r, _ in heads)
+            )
+            block: list[T] = []
+            left: list[tuple[list[T], Iterator[list[T]]]] = []
+            for record, run in heads:
+                cut = bisect.bisect_right(record, bound, key=key)
+                block += record[:cut]
+                if cut < len(record):
+                    left.append((record[cut:], run))
+                elif (following := next(run, None)) is not None:
+                    left.append((following, run))
+            block.sort(key=key)
+            yield block
+            heads = left
+        for record, run in heads:  # the last run: already in order
+            yield record
+            yield from run
+
+    def _start(self) -> Iterator[list[T]]:
         if not self._runs:
             self._buffer.sort(key=self.key)
             items, self._buffer = self._buffer, []
-            return iter(items)
+            return iter([items])
         if self._buffer:
             self._spill()
-        runs = (self._read(fh) for fh in self._runs)
-        return heapq.merge(*runs, key=self.key)  # type: ignore[arg-type]
+        return self._merge([self._read(fh) for fh in self._runs])
 
     def take(self, n: int) -> list[T]:
         """The next `n` items in sorted order (fewer at the end; [] once all were taken)."""
         if self._merged is None:
             self._merged = self._start()
-        return list(itertools.islice(self._merged, n))
+        out: list[T] = []
+        while len(out) < n:
+            if self._at >= len(self._block):
+                block = next(self._merged, None)
+                if block is None:
+                    break
+                self._block, self._at = block, 0
+            end = self._at + n - len(out)
+            out += self._block[self._at : end]
+            self._at = min(end, len(self._block))
+        return out
 
     def close(self) -> None:
         self._buffer = []
         self._merged = None
+        self._block, self._at = [], 0
         for fh in self._runs:
             fh.close()
         self._runs = []

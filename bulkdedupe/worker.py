@@ -19,6 +19,7 @@ import structlog
 from . import retry, sql
 from .batching import BatchSizer
 from .catalog import Target
+from .config import DEFAULT_TEMPLATE
 from .db import Conn
 from .errors import (
     CONNECTION_LOST,
@@ -207,6 +208,18 @@ class _Progress:
         return max(self.count - 1 - len(self.decided), 1)
 
 
+class _Groups(dict[str, _Progress]):
+    """An item's groups by key, each one's _Progress made when first asked for."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        super().__init__()
+        self.counts = counts  # rows holding the key, as the scan found them
+
+    def __missing__(self, key: str) -> _Progress:
+        g = self[key] = _Progress(self.counts[key])
+        return g
+
+
 @dataclass(frozen=True, slots=True)
 class TxResult:
     renames: list[Rename]
@@ -316,7 +329,9 @@ class Worker:
                 await self.record_unplaceable(key, g.unplaceable, g.examples)
         if item.retry:
             # groups a previous process skipped: those not skipped again are resolved now
-            await self.skips.resolved([k for k, g in groups.items() if not g.skipped])
+            await self.skips.resolved(
+                [g.key for g in item.groups if not ((p := groups.get(g.key)) and p.skipped)]
+            )
 
     def _take(self, pending: list[str], groups: dict[str, _Progress]) -> int:
         """How many of the pending groups the next transaction takes: at least one, then as
@@ -499,9 +514,13 @@ class Worker:
         (renamed in batches under their locks, or skipped with a reason): correct, only not in
         heap order. The giant groups' keys are added to `giants`: rows the application adds
         to such a value while the sweep runs are picked up by deciding it again after it."""
-        groups = {g.key: _Progress(g.count) for g in item.groups}
-        giant = [k for k, g in groups.items() if self._is_giant(g)]
-        pending = [k for k in groups if k not in giant]
+        # a _Progress only for the groups that need one (a giant one, one skipped or split
+        # off by a retry): the ordinary ones are decided by one query, a million at 20M rows
+        groups = _Groups({g.key: g.count for g in item.groups})
+        giant_above = max(self.sizer.size, GIANT_GROUP_MIN_LOSERS) + 1  # as _is_giant
+        giant = [k for k, n in groups.counts.items() if n > giant_above]
+        big = set(giant)
+        pending = [k for k in groups.counts if k not in big] if big else list(groups.counts)
         if pending:
             decided: list[list[Entry]] = []
 
@@ -509,7 +528,7 @@ class Worker:
                 entries, single = await self._decide_groups(pending)
                 decided.append(entries)
                 for key in single:
-                    self.stats.skip("no_longer_duplicate", max(groups[key].count - 1, 0))
+                    self.stats.skip("no_longer_duplicate", max(groups.counts[key] - 1, 0))
                 return []
 
             await self._with_retries(pending, groups, once)
@@ -889,12 +908,15 @@ class Worker:
         rows: this is the sweep's own loop)."""
         t = self.target
         template, max_length, composite = self.template, t.key_max_length, t.composite_pk
+        # the default template by an f-string: str.format parses the template and builds its
+        # keyword arguments each call, 0.67 against 0.14 µs (f"{x}" formats x as format does)
+        default = template == DEFAULT_TEMPLATE
         used: set[str] = set()
         renames: list[Rename] = []
         unplaceable: list[tuple[str, Row]] = []
         for position, pk, group, survivor, value, survivor_at in entries:
             label = pk_label(pk, composite=True, without=t.key_in_pk) if composite else pk
-            first = template.format(value=value, pk=label)
+            first = f"{value}-{label}" if default else template.format(value=value, pk=label)
             if (
                 first
                 and first != value

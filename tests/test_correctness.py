@@ -186,6 +186,38 @@ async def test_survivor_changed_mid_batch_never_leaves_the_value_unheld(
     assert await duplicate_groups(dsn) == {}
 
 
+@pytest.mark.parametrize("order", ["heap", "key"])
+async def test_group_single_by_its_turn_is_counted_once_and_left_alone(
+    dsn: str, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The application deletes one row of "tx-gone" after the scan found the group and before
+    # its worker decides it: the group is no longer duplicated, its row is left as it is, and
+    # it is counted once under its reason; the groups beside it are renamed.
+    await create_payments(dsn, rows=[("tx-gone",), ("tx-gone",), *pairs(4)])
+    fired: list[bool] = []
+
+    def deleting_first(original: Any) -> Any:
+        async def wrapper(self: Worker, item: Any, *args: Any) -> Any:
+            if not fired and any(g.key == "tx-gone" for g in item.groups):
+                fired.append(True)
+                await execute(dsn, "DELETE FROM payments WHERE id = 2")
+            return await original(self, item, *args)
+
+        return wrapper
+
+    monkeypatch.setattr(Worker, "handle", deleting_first(Worker.handle))  # key order
+    monkeypatch.setattr(Worker, "decide", deleting_first(Worker.decide))  # heap order
+    summary = await pipeline.run(connect(dsn), apply_cfg(concurrency=1, order=order))
+
+    assert fired
+    assert summary.status == "completed"
+    assert summary.skipped == {"no_longer_duplicate": 1}
+    assert summary.rows_renamed == 4
+    assert await fetchval(dsn, "SELECT transaction_id FROM payments WHERE id = 1") == "tx-gone"
+    assert all(pk != "1" for pk, _, _ in await audit_rows(dsn, summary.run_id))
+    assert await duplicate_groups(dsn) == {}
+
+
 # --- 4. per-group errors stay per group -----------------------------------------------------
 
 
