@@ -2,7 +2,8 @@
 ``bulkdedupe run --apply --max-impact off`` and the scan alone, on identical fresh copies; and
 the heap-order floor (``benchmarks.baselines heap-floor``: the same renames in heap order with
 their audit rows, found by position, no locks and no checks), the least any heap-order client
-can make the server do.
+can make the server do; and the checked heap-order floor (``heap-floor-checked``: the same with
+the tool's locks and checks, sent by a client that sorts nothing), the least a *safe* one can.
 
     python -m benchmarks.anatomy --rows 5000000 [--rows 1000000] [--repeat 2] [--no-waldump]
 
@@ -69,9 +70,16 @@ TIMING_SETTINGS: Final = {"track_io_timing": "on", "track_wal_io_timing": "on"}
 # Enough to keep every segment of a 20M run's WAL for pg_waldump (the forensic runs only).
 WAL_KEEP: Final = "64GB"
 BLCKSZ: Final = 8192
-METHODS: Final = ("one-statement", "bulkdedupe", "bulkdedupe-key", "heap-floor", "scan")
+METHODS: Final = (
+    "one-statement",
+    "bulkdedupe",
+    "bulkdedupe-key",
+    "heap-floor",
+    "heap-floor-checked",
+    "scan",
+)
 # the baselines: run as benchmarks.baselines METHOD, untraced
-BASELINES: Final = ("one-statement", "heap-floor")
+BASELINES: Final = ("one-statement", "heap-floor", "heap-floor-checked")
 
 
 def log(msg: str) -> None:
@@ -906,6 +914,7 @@ def _label(r: dict[str, Any]) -> str:
         "bulkdedupe-key": "bulkdedupe run --order key",
         "scan": "bulkdedupe scan",
         "heap-floor": "heap-order floor",
+        "heap-floor-checked": "checked heap-order floor",
     }
     name = str(names.get(r["method"], r["method"]))
     return name + (" (WAL kept, pg_waldump)" if r["forensic"] else f" #{r['attempt']}")

@@ -5,6 +5,7 @@
     python -m benchmarks.baselines per-row -d DSN [--max-seconds S] [--max-rows N]
     python -m benchmarks.baselines batched -d DSN [--concurrency N] [--batch-size N]
     python -m benchmarks.baselines heap-floor -d DSN [--concurrency N] [--batch-size N]
+    python -m benchmarks.baselines heap-floor-checked -d DSN [--concurrency N] [--batch-size N]
 
 All keep the lowest id of each group and rename the others to ``{value}-{id}``, exactly as
 ``bulkdedupe run`` does with its defaults, so every method must end with the same table. Each
@@ -41,6 +42,7 @@ __all__ = [
     "extrapolate",
     "floor",
     "heap_floor",
+    "heap_floor_checked",
     "one_statement",
     "per_row",
     "percentile",
@@ -237,11 +239,18 @@ async def per_row(
 
 
 async def _run_batches(
-    dsn: str, statement: str, batches: Sequence[Sequence[Any]], concurrency: int
+    dsn: str,
+    statement: str,
+    batches: Sequence[Sequence[Any]],
+    concurrency: int,
+    *,
+    before: tuple[str, int] | None = None,
 ) -> tuple[int, list[float]]:
     """Each batch (rows of the statement's parameters, one column per parameter array) as its
     own transaction, on `concurrency` connections taking the next batch as they finish: the
-    rows the statement changed, and each transaction's milliseconds."""
+    rows the statement changed, and each transaction's milliseconds. `before`: a statement
+    the transaction runs first, with the batch's first N columns (the checked floor's locks,
+    which must come before the statement's snapshot, as the tool's do)."""
     latencies: list[float] = []
     renamed = 0
     queue = iter(batches)
@@ -254,6 +263,8 @@ async def _run_batches(
                 columns = [list(column) for column in zip(*batch, strict=True)]
                 t0 = time.monotonic()
                 async with c.transaction():
+                    if before is not None:
+                        await c.fetchval(before[0], *columns[: before[1]])
                     status = await c.execute(statement, *columns)
                 latencies.append((time.monotonic() - t0) * 1000)
                 renamed += int(status.rsplit(" ", 1)[-1])
@@ -305,6 +316,7 @@ async def floor(
     pk: str = "id",
     concurrency: int = 4,
     batch_size: int | None = None,
+    checked: bool = False,
 ) -> BaselineResult:
     """The floor of any batched, audited fix: the renames as `batch_size`-row transactions on
     `concurrency` connections, each one `UPDATE ... FROM unnest(...)` that writes its audit rows
@@ -319,9 +331,20 @@ async def floor(
     where they lie), the renames in heap order, rows found by position (a TID scan: no index
     descent): the least bulkdedupe's heap-order sweep can hope to do. It logs "groups decided"
     (JSON, stderr) when the renames start, so the anatomy splits its phases where it splits
-    the tool's."""
+    the tool's.
+
+    `checked` (heap order only, method "heap-floor-checked"): the same, plus the checks that
+    make a rename safe on a live table, as the tool's chunk transaction makes them — each
+    group's advisory lock (shared, in hash order) and a try on each new value's, in a statement
+    of their own before the UPDATE's snapshot; the row found by position *and* still holding
+    its value; its survivor (the group's lowest id, found by position) still holding it; the
+    new value free. Still no re-decision, retry or hand-back (a lock refused is counted, not
+    acted on): the least a safe heap-order client can make the server do, with a client that
+    sends binary arrays and sorts nothing itself."""
     if order not in FLOOR_BATCH_SIZE:
         raise ValueError(f"order: key or heap, not {order!r}")
+    if checked and order != "heap":
+        raise ValueError("checked: heap order only")
     t, k, p = quote_table(table), quote_ident(key), quote_ident(pk)
     size = batch_size or FLOOR_BATCH_SIZE[order]
     conn = await asyncpg.connect(dsn, server_settings={"application_name": APPLICATION_NAME})
@@ -341,17 +364,39 @@ async def floor(
         else:
             # the duplicated values from the key's index alone (a GroupAggregate over an
             # index-only scan), then their rows, each group's first by id left out
-            todo = await conn.fetch(
-                f"""SELECT d.tid, d.pk, d.k FROM (
-                        SELECT t.ctid AS tid, t.{p} AS pk, t.{k} AS k,
-                               row_number() OVER (PARTITION BY t.{k} ORDER BY t.{p}) AS rn
-                        FROM (SELECT {k} AS k FROM {t} WHERE {k} IS NOT NULL
-                              GROUP BY {k} HAVING count(*) > 1) g
-                        JOIN {t} t ON t.{k} = g.k
-                    ) d WHERE d.rn > 1 ORDER BY d.tid"""
-            )
-            params, columns = "$1::tid[], $2::bigint[], $3::text[]", "tid, pk, old"
-            found = "t.ctid = v.tid"
+            if not checked:
+                todo = await conn.fetch(
+                    f"""SELECT d.tid, d.pk, d.k FROM (
+                            SELECT t.ctid AS tid, t.{p} AS pk, t.{k} AS k,
+                                   row_number() OVER (PARTITION BY t.{k} ORDER BY t.{p}) AS rn
+                            FROM (SELECT {k} AS k FROM {t} WHERE {k} IS NOT NULL
+                                  GROUP BY {k} HAVING count(*) > 1) g
+                            JOIN {t} t ON t.{k} = g.k
+                        ) d WHERE d.rn > 1 ORDER BY d.tid"""
+                )
+                params, columns = "$1::tid[], $2::bigint[], $3::text[]", "tid, pk, old"
+                found = "t.ctid = v.tid"
+            else:
+                # each loser with its survivor (the group's lowest id) and where both lie; the
+                # value and the id first: the lock statement takes those two columns
+                todo = await conn.fetch(
+                    f"""SELECT d.k, d.pk, d.tid, d.stid, d.spk FROM (
+                            SELECT t.ctid AS tid, t.{p} AS pk, t.{k} AS k,
+                                   row_number() OVER w AS rn,
+                                   first_value(t.ctid) OVER w AS stid,
+                                   first_value(t.{p}) OVER w AS spk
+                            FROM (SELECT {k} AS k FROM {t} WHERE {k} IS NOT NULL
+                                  GROUP BY {k} HAVING count(*) > 1) g
+                            JOIN {t} t ON t.{k} = g.k
+                            WINDOW w AS (PARTITION BY t.{k} ORDER BY t.{p})
+                        ) d WHERE d.rn > 1 ORDER BY d.tid"""
+                )
+                params = "$1::text[], $2::bigint[], $3::tid[], $4::tid[], $5::bigint[]"
+                columns = "old, pk, tid, stid, spk"
+                found = f"""t.ctid = v.tid AND t.{p} = v.pk AND (t.{k} = v.old) IS TRUE
+                  AND EXISTS (SELECT 1 FROM {t} s WHERE s.ctid = v.stid AND s.{p} = v.spk
+                              AND (s.{k} = v.old) IS TRUE)
+                  AND NOT EXISTS (SELECT 1 FROM {t} o WHERE o.{k} = v.old || '-' || v.pk)"""
             stamp = dt.datetime.now(dt.UTC).isoformat()
             print(json.dumps({"event": "groups decided", "timestamp": stamp}), file=sys.stderr)
         scan_s = time.monotonic() - began
@@ -364,22 +409,40 @@ async def floor(
                 RETURNING v.pk, v.old, t.{k} AS new
             )
             INSERT INTO {audit} (pk, old_value, new_value) SELECT pk, old, new FROM u"""
-        renamed, latencies = await _run_batches(dsn, statement, batches, concurrency)
+        before = None
+        if checked:
+            # as the tool's lock_chunk: the groups' locks shared, in hash order, then a try on
+            # each new value's (what the tool would do with a refusal is not the floor's)
+            before = (
+                """WITH held AS MATERIALIZED (
+                        SELECT count(pg_advisory_xact_lock_shared(h)) AS n FROM (
+                            SELECT DISTINCT hashtextextended('bench.group:' || g, 0) AS h
+                            FROM unnest($1::text[]) AS g ORDER BY 1) AS x)
+                    SELECT count(*) FILTER (WHERE NOT pg_try_advisory_xact_lock(
+                               hashtextextended('bench.value:' || c.old || '-' || c.pk, 0)))
+                    FROM held LEFT JOIN unnest($1::text[], $2::bigint[]) AS c(old, pk) ON true""",
+                2,
+            )
+        renamed, latencies = await _run_batches(dsn, statement, batches, concurrency, before=before)
         seconds = time.monotonic() - began
     finally:
         await conn.close()
-    method = "batched" if order == "key" else "heap-floor"
+    method = "batched" if order == "key" else "heap-floor-checked" if checked else "heap-floor"
     return _batched_result(method, renamed, len(todo), seconds, latencies, scan_s)
 
 
 # the two floors under their methods' names
 batched = functools.partial(floor, order="key")
 heap_floor = functools.partial(floor, order="heap")
+heap_floor_checked = functools.partial(floor, order="heap", checked=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.baselines", description=__doc__)
-    parser.add_argument("method", choices=["one-statement", "per-row", "batched", "heap-floor"])
+    parser.add_argument(
+        "method",
+        choices=["one-statement", "per-row", "batched", "heap-floor", "heap-floor-checked"],
+    )
     parser.add_argument("-d", "--dsn", default=os.environ.get("DATABASE_URL"))
     parser.add_argument("--table", default="payments")
     parser.add_argument("--key", default="transaction_id")
@@ -394,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=None, help="per-row: stop after")
     parser.add_argument("--max-rows", type=int, default=None, help="per-row: stop after")
     parser.add_argument(
-        "--concurrency", type=int, default=4, help="batched, heap-floor: connections"
+        "--concurrency", type=int, default=4, help="batched, heap-floor(-checked): connections"
     )
     parser.add_argument(
         "--batch-size", type=int, default=None, help="batched (1000), heap-floor (400): rows a txn"
@@ -409,12 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.method == "one-statement":
             result = asyncio.run(one_statement(args.dsn, **names, scope=scope))
-        elif args.method in ("batched", "heap-floor"):
+        elif args.method in ("batched", "heap-floor", "heap-floor-checked"):
             order = "key" if args.method == "batched" else "heap"
             result = asyncio.run(
                 floor(
                     args.dsn,
                     order=order,
+                    checked=args.method == "heap-floor-checked",
                     **names,
                     concurrency=args.concurrency,
                     batch_size=args.batch_size,

@@ -17,7 +17,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from benchmarks import partitioned
-from benchmarks.baselines import extrapolate, heap_floor, one_statement, per_row
+from benchmarks.baselines import (
+    extrapolate,
+    heap_floor,
+    heap_floor_checked,
+    one_statement,
+    per_row,
+)
 from benchmarks.generate import GenSpec, generate, plan
 from benchmarks.oltp import KINDS, OltpResult
 from benchmarks.pgbench import PgbenchConfig, find_pgbench, run_load
@@ -563,10 +569,13 @@ def test_extrapolation_is_at_least_the_measured_time(
 
 
 @pytest.mark.timeout(240)
-def test_heap_floor_renames_as_the_tool_does_in_heap_order(dsn: str) -> None:
+@pytest.mark.parametrize("checked", [False, True], ids=["unchecked", "checked"])
+def test_heap_floor_renames_as_the_tool_does_in_heap_order(dsn: str, checked: bool) -> None:
     """The heap-order floor (issue 13): the lowest id of each value kept, the others renamed
     to {value}-{id} with one audit row each, in transactions that follow the heap (each
-    batch's rows found by ctid), so its figures are comparable with the tool's."""
+    batch's rows found by ctid), so its figures are comparable with the tool's. Checked (its
+    locks, survivor and new-value checks): the same table, and where a new value is already
+    taken, that row is left alone instead of made a new duplicate."""
 
     async def go() -> tuple[int, list[tuple[int, str | None]], int]:
         conn = await asyncpg.connect(dsn)
@@ -574,18 +583,22 @@ def test_heap_floor_renames_as_the_tool_does_in_heap_order(dsn: str) -> None:
             await conn.execute("CREATE TABLE payments (id bigint PRIMARY KEY, transaction_id text)")
             rows = [(i, f"v{i % 7}" if i % 3 else f"u{i}") for i in range(1, 61)]
             await conn.executemany("INSERT INTO payments VALUES ($1, $2)", [*rows, (61, None)])
+            if checked:  # v1-8's new value, taken: the checked floor must not rename id 8
+                await conn.execute("INSERT INTO payments VALUES (62, 'v1-8')")
             await conn.execute("CREATE INDEX ON payments (transaction_id)")
         finally:
             await conn.close()
-        result = await heap_floor(dsn, batch_size=4, concurrency=2)
+        run = heap_floor_checked if checked else heap_floor
+        result = await run(dsn, batch_size=4, concurrency=2)
         conn = await asyncpg.connect(dsn)
         try:
             after = await conn.fetch("SELECT id, transaction_id FROM payments ORDER BY id")
             audited = await conn.fetchval("SELECT count(*) FROM bench_batched_audit")
         finally:
             await conn.close()
-        assert result.rows_to_rename == result.rows_renamed
-        assert result.transactions == -(-result.rows_renamed // 4)
+        assert result.rows_to_rename - checked == result.rows_renamed
+        assert result.transactions == -(-result.rows_to_rename // 4)
+        assert result.method == ("heap-floor-checked" if checked else "heap-floor")
         return result.rows_renamed, [(r["id"], r["transaction_id"]) for r in after], audited
 
     renamed, after, audited = sync(go())
@@ -593,10 +606,10 @@ def test_heap_floor_renames_as_the_tool_does_in_heap_order(dsn: str) -> None:
     expected: list[tuple[int, str | None]] = []
     for i in range(1, 61):
         value = f"v{i % 7}" if i % 3 else f"u{i}"
-        keep = first.setdefault(value, i) == i
+        keep = first.setdefault(value, i) == i or (checked and i == 8)
         expected.append((i, value if keep else f"{value}-{i}"))
-    assert after == [*expected, (61, None)]
-    assert renamed == audited == 40 - 7  # 40 rows share 7 values
+    assert after == [*expected, (61, None), *([(62, "v1-8")] if checked else [])]
+    assert renamed == audited == 40 - 7 - checked  # 40 rows share 7 values
 
 
 def test_anatomy_end_to_end(dsn: str, tmp_path: Path) -> None:
@@ -619,8 +632,9 @@ def test_anatomy_end_to_end(dsn: str, tmp_path: Path) -> None:
     (result_file,) = tmp_path.glob("*-anatomy.json")
     results = json.loads(result_file.read_text())
     timed = {r["method"]: r for r in results["runs"] if not r["forensic"]}
-    assert set(timed) == {"one-statement", "bulkdedupe", "bulkdedupe-key", "heap-floor", "scan"}
-    for name in ("one-statement", "bulkdedupe", "bulkdedupe-key", "heap-floor"):
+    floors = ("heap-floor", "heap-floor-checked")
+    assert set(timed) == {"one-statement", "bulkdedupe", "bulkdedupe-key", *floors, "scan"}
+    for name in ("one-statement", "bulkdedupe", "bulkdedupe-key", *floors):
         assert timed[name]["correctness"]["passed"], timed[name].get("error")
         assert timed[name]["totals"]["counters"]["wal_bytes"] > 0
         # (no count of the 100 ms samples inside the run: on 5,000 rows a fast machine's
@@ -641,7 +655,8 @@ def test_anatomy_end_to_end(dsn: str, tmp_path: Path) -> None:
         assert trace["queries"][label]["n"] > 0, label
     assert timed["scan"]["trace"]["scan_pages"] > 0
     # the floor's phases split where the tool's do: its decision, then its renames
-    assert {"scan", "renames"} <= set(timed["heap-floor"]["phases"])
+    for name in floors:
+        assert {"scan", "renames"} <= set(timed[name]["phases"]), name
     for r in results["runs"]:
         if r["forensic"]:
             assert "payments" in r["waldump"].get("relations", {}), (r["method"], r["waldump"])
