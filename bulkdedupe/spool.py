@@ -350,11 +350,13 @@ class ExternalSort(Generic[T]):
 
     def _merge(self, runs: list[Iterator[list[T]]]) -> Iterator[list[T]]:
         """The runs merged, a block of items at a time, in sorted order. Each step takes from
-        every run's current record the items up to the smallest of those records' last items
-        (none of the records still to come can hold a smaller one), and sorts them in one C
-        call: at least one whole record a step, and no Python-level comparison per item
-        (heapq.merge made one, and was a tenth of the tool's CPU at 20M rows). Items that
-        compare equal keep the order of their runs (list.sort is stable)."""
+        every run's current record the items up to the smallest of those records' last items,
+        the bound (none of the records still to come can hold a smaller one), and sorts those
+        below it in one C call: at least one whole record a step, and no Python-level
+        comparison per item (heapq.merge made one, and was a tenth of the tool's CPU at 20M
+        rows). Items that compare equal keep the order of their runs, as heapq.merge kept it:
+        list.sort is stable for those below the bound, and the bound's own ties are taken run
+        after run, each run's to its last one (which may lie in its next records)."""
         key = self.key
         heads: list[tuple[list[T], Iterator[list[T]]]] = []  # (what is left of a record, run)
         for run in runs:
@@ -364,17 +366,25 @@ class ExternalSort(Generic[T]):
             bound = min(
                 (key(r[-1]) for r, _ in heads) if key is not None else (r[-1] for r, _ in heads)
             )
-            block: list[T] = []
+            below: list[T] = []
+            ties: list[T] = []
             left: list[tuple[list[T], Iterator[list[T]]]] = []
             for record, run in heads:
-                cut = bisect.bisect_right(record, bound, key=key)
-                block += record[:cut]
-                if cut < len(record):
-                    left.append((record[cut:], run))
-                elif (following := next(run, None)) is not None:
-                    left.append((following, run))
-            block.sort(key=key)
-            yield block
+                lo = bisect.bisect_left(record, bound, key=key)
+                hi = bisect.bisect_right(record, bound, lo=lo, key=key)
+                below += record[:lo]
+                ties += record[lo:hi]
+                rest: list[T] | None = record[hi:]
+                while not rest:  # the record ended at the bound: its run's next ones may too
+                    if (rest := next(run, None)) is None:
+                        break
+                    hi = bisect.bisect_right(rest, bound, key=key)
+                    ties += rest[:hi]
+                    rest = rest[hi:]
+                if rest:
+                    left.append((rest, run))
+            below.sort(key=key)
+            yield below + ties
             heads = left
         for record, run in heads:  # the last run: already in order
             yield record
