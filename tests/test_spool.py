@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from operator import itemgetter
 from pathlib import Path
+from typing import TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -15,6 +16,8 @@ from bulkdedupe import spool as spool_module
 from bulkdedupe.errors import BulkDedupeError
 from bulkdedupe.spool import DiskList, ExternalSort, Spool
 from bulkdedupe.worker import Entry, heap_position, new_entry
+
+T = TypeVar("T")
 
 pytestmark = pytest.mark.anyio
 
@@ -145,6 +148,16 @@ def test_check_room_refuses_a_spool_directory_without_its_reserve(
     spool_module.check_room("/somewhere", reserve=50 << 20)  # enough: no error
 
 
+def _take_all(s: ExternalSort[T], n: int) -> list[T]:
+    """Everything the sort holds, taken `n` at a time: no chunk larger, nothing after the end."""
+    out: list[T] = []
+    while chunk := s.take(n):
+        assert len(chunk) <= n
+        out.extend(chunk)
+    assert s.take(1) == []
+    return out
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     items=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 300)), max_size=400),
@@ -157,10 +170,7 @@ def test_external_sort_takes_every_item_once_in_sorted_order(
     s: ExternalSort[tuple[int, int]] = ExternalSort(run_items=run_items, record_items=7)
     for item in items:
         s.add(item)
-    out: list[tuple[int, int]] = []
-    while chunk := s.take(take):
-        assert len(chunk) <= take
-        out.extend(chunk)
+    out = _take_all(s, take)
     s.close()
     assert out == sorted(items)
     assert len(s) == len(items)
@@ -195,9 +205,7 @@ def test_heap_position_key_sorts_entries_as_their_places(
     s.add_many(added[: len(added) // 2])
     for e in added[len(added) // 2 :]:
         s.add(e)
-    out: list[Entry] = []
-    while chunk := s.take(7):
-        out.extend(chunk)
+    out = _take_all(s, 7)
     s.close()
     assert [(e.position >> 48, *e.at) for e in out] == sorted(places)
     assert all(type(e) is Entry for e in out)
@@ -243,10 +251,6 @@ def test_external_sort_merge_is_stable_by_key(
     added = [(k, i) for i, k in enumerate(items)]
     for item in added:
         s.add(item)
-    out: list[tuple[int, int]] = []
-    while chunk := s.take(take):
-        assert len(chunk) <= take
-        out.extend(chunk)
-    assert s.take(1) == []
+    out = _take_all(s, take)
     s.close()
     assert out == sorted(added, key=itemgetter(0))
